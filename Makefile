@@ -1,0 +1,50 @@
+# fastcore's commands. Each sets itself up on a fresh machine: a virtual environment in
+# $(VENV), a pinned CPU torch (override TORCH_SPEC on other machines), the package built
+# in place with its C++ extension, then the job.
+#
+#   make test    the whole test suite (Triton kernels under TRITON_INTERPRET=1 without a GPU,
+#                and a compile-only check of every CUDA source where nvcc is installed)
+#   make bench   the benchmarks, a ratio table and bench/results/<device>-<date>.json
+#   make lint    ruff
+#   make clean   remove build outputs (the virtual environment stays)
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.9.0
+PYTEST_ARGS ?=
+
+PY       := $(VENV)/bin/python
+DEPS     := $(VENV)/.deps-installed
+BUILT    := $(VENV)/.fastcore-built
+SOURCES  := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+
+.PHONY: test bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS): | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "$(TRITON_SPEC)" setuptools wheel ninja
+	touch $@
+
+$(BUILT): $(DEPS) $(SOURCES)
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	touch $@
+
+test: $(BUILT)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+bench: $(BUILT)
+	mkdir -p bench/.runs
+	$(PY) -m pytest bench -q -p no:cacheprovider --benchmark-max-time=0.5 --benchmark-min-rounds=5 \
+		--benchmark-json=bench/.runs/latest.json $(PYTEST_ARGS)
+	$(PY) bench/compare.py bench/.runs/latest.json
+
+lint: $(BUILT)
+	$(PY) -m pip install --quiet ruff
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf build fastcore/_C*.so fastcore.egg-info bench/.runs $(BUILT)

@@ -1,0 +1,146 @@
+"""Turn a pytest-benchmark JSON run into fastcore's ratio table and results file.
+
+    python bench/compare.py RUN.json [--out bench/results]
+
+For each benchmark group (op, direction, shape) every provider's median is compared with
+the group's baseline (what users run today) measured in the same run:
+
+* ``time ratio`` = provider median / baseline median (below 1 is faster),
+* ``speedup`` = baseline median / provider median,
+* ``GB/s`` = the bytes the operation must move / median, and ``of copy`` = that bandwidth
+  as a fraction of the machine's copy bandwidth measured in the same run.
+
+Writes ``<out>/<device>-<date>.md`` (the table) and ``<out>/<device>-<date>.json`` (machine
+info, copy bandwidth, the table's rows and the raw run), and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def device_slug(info: dict) -> str:
+    name = info["gpu"] or f"cpu{info['cores']}-{info['cpu']}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60]
+
+
+def build_rows(run: dict) -> tuple[float | None, list[dict]]:
+    benches = run["benchmarks"]
+    copy = [b for b in benches if b["extra_info"].get("op") == "copy"]
+    copy_bw = copy[0]["extra_info"]["bytes"] / copy[0]["stats"]["median"] if copy else None
+    groups: dict[str, list[dict]] = {}
+    for b in benches:
+        if b["extra_info"].get("op") != "copy":
+            groups.setdefault(b["group"], []).append(b)
+    rows = []
+    for group, members in sorted(groups.items()):
+        base = [b for b in members if b["extra_info"].get("baseline")]
+        base_median = base[0]["stats"]["median"] if base else None
+        for b in sorted(members, key=lambda b: b["stats"]["median"]):
+            info, median = b["extra_info"], b["stats"]["median"]
+            bandwidth = info["bytes"] / median
+            rows.append(
+                {
+                    "group": group,
+                    "op": info["op"],
+                    "direction": info["direction"],
+                    "shape": info["shape"],
+                    "provider": info["provider"],
+                    "baseline": base[0]["extra_info"]["provider"] if base else None,
+                    "median_s": median,
+                    "iqr_s": b["stats"]["iqr"],
+                    "rounds": b["stats"]["rounds"],
+                    "time_ratio": median / base_median if base_median else None,
+                    "speedup": base_median / median if base_median else None,
+                    "gb_per_s": bandwidth / 1e9,
+                    "copy_fraction": bandwidth / copy_bw if copy_bw else None,
+                }
+            )
+    return copy_bw, rows
+
+
+def table(copy_bw: float | None, rows: list[dict], info: dict) -> str:
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    lines = [
+        f"# Benchmarks on {info['gpu'] or info['cpu']} ({info['cores']} cores), torch {info['torch']}",
+        "",
+        f"Copy bandwidth (same run): {f(copy_bw and copy_bw / 1e9, '.1f')} GB/s. "
+        "time ratio = provider / baseline median (lower is better); speedup = its inverse.",
+        "",
+        "| op | dir | shape | provider | median ms | time ratio | speedup | GB/s | of copy |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['op']} | {r['direction']} | {r['shape']} | {r['provider']} | "
+            f"{r['median_s'] * 1e3:.3f} | {f(r['time_ratio'], '.2f')} | {f(r['speedup'], '.2f')}x | "
+            f"{r['gb_per_s']:.1f} | {f(r['copy_fraction'], '.0%')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="pytest-benchmark --benchmark-json output")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+
+    run = json.loads(args.run.read_text())
+    info = machine_info()
+    copy_bw, rows = build_rows(run)
+    text = table(copy_bw, rows, info)
+    stem = f"{device_slug(info)}-{datetime.date.today().isoformat()}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.md").write_text(text)
+    result = {
+        "machine": info,
+        "copy_bandwidth_gb_per_s": copy_bw and copy_bw / 1e9,
+        "rows": rows,
+        "raw": run,
+    }
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    print(text)
+    print(f"wrote {args.out / stem}.md and .json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""fastcore: kernel-backed PyTorch ops for hierarchical spatiotemporal graph models,
+cross-model KV-cache alignment and temporal-encoder alignment."""
+
+from fastcore import ops
+from fastcore._backend import BACKENDS, backends, get_backend, set_backend, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "backends", "get_backend", "ops", "set_backend", "use_backend"]

@@ -1,0 +1,146 @@
+"""``fastcore.ops.gather``: index_select along any dim, with a deterministic backward.
+
+The template every fastcore op follows:
+
+* ``fastcore/reference/gather.py`` - the oracle (``index_select``);
+* ``csrc/fastcore.cpp`` - the schemas ``fastcore::gather`` and ``fastcore::csr_sum``;
+  ``csrc/cpu/gather.cpp`` and ``csrc/cuda/gather.cpp`` - their CPU and CUDA kernels;
+* ``kernels/gather.py`` - Triton kernels, registered below as ``fastcore::gather_triton``
+  and ``fastcore::csr_sum_triton``;
+* this module - fake kernels and autograd for both op families, and the public function
+  that validates, picks the backend and calls the registered operator.
+
+The gradient of ``gather`` w.r.t. ``src`` is a scatter-sum. It runs as a sum over CSR
+segments (``csr_sum``): the index is sorted once (stably), each output row sums its
+incoming rows in a fixed order, so results are bit-identical run to run, with no float
+atomics. ``csr_sum``'s own gradient is a ``gather``, so gradients of any order work.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastcore import _backend, reference
+from fastcore.ops._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_csr,
+    check_dtype,
+    check_index_range,
+    check_index_tensor,
+    normalize_dim,
+)
+
+_backend.register_op("gather", ("reference", "cpu", "triton", "cuda"), gpu_order=("cuda", "triton"))
+
+GATHER_DTYPES = (*FLOAT_DTYPES, *INDEX_DTYPES)
+
+
+@torch.library.custom_op("fastcore::gather_triton", mutates_args=())
+def _gather_triton(src: torch.Tensor, index: torch.Tensor, dim: int, check: bool) -> torch.Tensor:
+    if check:
+        check_index_range(index, src.shape[dim], "gather", "index", dim)
+    from fastcore.kernels import gather as kernels
+
+    return kernels.gather(src, index, dim)
+
+
+@torch.library.custom_op("fastcore::csr_sum_triton", mutates_args=())
+def _csr_sum_triton(
+    src: torch.Tensor, perm: torch.Tensor | None, ptr: torch.Tensor, dim: int, check: bool
+) -> torch.Tensor:
+    if check:
+        check_csr(ptr, perm, src.shape[dim], "csr_sum", dim)
+    from fastcore.kernels import gather as kernels
+
+    return kernels.csr_sum(src, perm, ptr, dim)
+
+
+def index_csr(index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(perm, ptr)`` grouping the positions of ``index`` by value: the rows
+    ``perm[ptr[v]:ptr[v+1]]`` are the positions m (ascending) where ``index[m] == v``.
+    No host synchronisation."""
+    sorted_index, perm = torch.sort(index, stable=True)
+    bounds = torch.arange(size + 1, device=index.device, dtype=sorted_index.dtype)
+    return perm, torch.searchsorted(sorted_index, bounds)
+
+
+def _gather_fake(src, index, dim, check):
+    shape = list(src.shape)
+    shape[dim] = index.shape[0]
+    return src.new_empty(shape)
+
+
+def _csr_sum_fake(src, perm, ptr, dim, check):
+    shape = list(src.shape)
+    shape[dim] = ptr.shape[0] - 1
+    return src.new_empty(shape)
+
+
+def _register_family(gather_name: str, csr_sum_name: str) -> None:
+    """Fake kernels and autograd for one backend's (gather, csr_sum) operator pair."""
+    gather_op = torch.ops.fastcore.__getattr__(gather_name).default
+    csr_sum_op = torch.ops.fastcore.__getattr__(csr_sum_name).default
+    torch.library.register_fake(gather_op)(_gather_fake)
+    torch.library.register_fake(csr_sum_op)(_csr_sum_fake)
+
+    def gather_setup(ctx, inputs, output):
+        src, index, dim, _ = inputs
+        ctx.save_for_backward(index)
+        ctx.dim, ctx.size = dim, src.shape[dim]
+
+    def gather_backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        perm, ptr = index_csr(index, ctx.size)
+        return csr_sum_op(grad, perm, ptr, ctx.dim, False), None, None, None
+
+    def csr_sum_setup(ctx, inputs, output):
+        src, perm, ptr, dim, _ = inputs
+        ctx.save_for_backward(perm, ptr)
+        ctx.dim, ctx.size = dim, src.shape[dim]
+
+    def csr_sum_backward(ctx, grad):
+        perm, ptr = ctx.saved_tensors
+        segments = torch.arange(ptr.shape[0] - 1, device=ptr.device)
+        segment_of = torch.repeat_interleave(segments, ptr.diff(), output_size=ctx.size)
+        if perm is not None:  # source row perm[k] belongs to segment_of[k]
+            segment_of = torch.empty_like(segment_of).scatter_(0, perm.long(), segment_of)
+        return gather_op(grad, segment_of, ctx.dim, False), None, None, None, None
+
+    torch.library.register_autograd(gather_op, gather_backward, setup_context=gather_setup)
+    torch.library.register_autograd(csr_sum_op, csr_sum_backward, setup_context=csr_sum_setup)
+
+
+_register_family("gather_triton", "csr_sum_triton")
+if _backend._C is not None:
+    _register_family("gather", "csr_sum")
+
+
+def gather(src: torch.Tensor, index: torch.Tensor, dim: int = -2) -> torch.Tensor:
+    """Select rows of ``src`` along ``dim``: ``out = src.index_select(dim, index)``.
+
+    Args:
+        src: ``[*lead, N, *trail]`` with N at ``dim``; float16/bfloat16/float32/float64
+            (differentiable) or int32/int64. Any layout; non-contiguous input is copied.
+        index: ``[M]`` int32 or int64 on ``src``'s device, every value in ``[0, N)``.
+        dim: the dimension to index (negative counts from the end).
+
+    Returns:
+        ``[*lead, M, *trail]``. Its gradient w.r.t. ``src`` is a deterministic scatter-sum
+        (sorted CSR, no float atomics; half types accumulate in float32).
+
+    Raises:
+        IndexError: an index value is negative or ``>= N`` (the value is named), before
+            any kernel runs; or ``dim`` is out of range.
+        TypeError / ValueError: wrong dtype, a non-1-D index, or mismatched devices.
+    """
+    check_dtype(src, GATHER_DTYPES, "gather")
+    dim = normalize_dim(dim, src.dim(), "gather")
+    check_index_tensor(index, src, "gather", "index")
+    backend = _backend.resolve("gather", src.device)
+    if backend == "reference":
+        if not torch.compiler.is_compiling():
+            check_index_range(index, src.shape[dim], "gather", "index", dim)
+        return reference.gather(src, index, dim)
+    op = torch.ops.fastcore.gather_triton if backend == "triton" else torch.ops.fastcore.gather
+    return op(src, index, dim, True)
