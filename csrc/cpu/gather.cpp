@@ -1,11 +1,11 @@
 // CPU kernels for the gather family: gather (index_select) and csr_sum (its
 // deterministic transpose). Rows of the folded view [outer, size, inner] are the
 // unit of work: at::parallel_for splits them across threads, and the feature
-// (inner) dimension is contiguous and vectorised.
+// (inner) dimension is contiguous and vectorised by the compiler.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -63,57 +63,72 @@ at::Tensor gather_cpu(const at::Tensor& src, const at::Tensor& index, int64_t di
   return out;
 }
 
-// acc[0:n] += row[0:n], vectorised.
-template <typename acc_t>
-inline void add_row(acc_t* acc, const acc_t* row, int64_t n) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    (Vec::loadu(acc + j) + Vec::loadu(row + j)).store(acc + j);
-  }
-  for (; j < n; ++j) acc[j] += row[j];
+// acc[0:n] += row[0:n] in the accumulation type. Plain loops that the compiler
+// vectorises for the build's target: ATen's generic at::vec::Vectorized (used when the
+// extension is not compiled per CPU capability) goes through memcpy calls per vector.
+template <typename acc_t, typename scalar_t>
+inline void add_row(acc_t* __restrict__ acc, const scalar_t* __restrict__ row, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) acc[j] += static_cast<acc_t>(row[j]);
 }
 
-// acc[0:n] += float(row[0:n]) for half types, vectorised through float.
-template <typename scalar_t>
-inline void add_row_widened(float* acc, const scalar_t* row, int64_t n) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  using FVec = at::vec::Vectorized<float>;
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vec::loadu(row + j));
-    (FVec::loadu(acc + j) + lo).store(acc + j);
-    (FVec::loadu(acc + j + FVec::size()) + hi).store(acc + j + FVec::size());
-  }
-  for (; j < n; ++j) acc[j] += static_cast<float>(row[j]);
-}
+// Two loop orders, both with a fixed summation order (deterministic):
+//  * by segment: each output row gathers its source rows, perm[ptr[r]] .. perm[ptr[r+1]-1];
+//    parallel over (outer, segment) rows: works for any shape.
+//  * by slab: for each outer index, stream the source rows in order and add each into its
+//    segment's output row, which stays in cache; parallel over outer. Chosen when there
+//    are enough slabs for every thread and a slab's accumulators fit in L2. Within a
+//    segment it adds rows in ascending source order, which is the by-segment order when
+//    perm lists each segment's rows ascending (as a stable sort of an index does).
+constexpr int64_t kSlabBytes = 512 * 1024;
 
 template <typename scalar_t>
 void csr_sum_rows(const scalar_t* src, const int64_t* perm, const int64_t* ptr, scalar_t* out,
                   const Fold& f, int64_t segments) {
+  using acc_t = at::opmath_type<scalar_t>;  // float for half types, else scalar_t
+  constexpr bool widen = !std::is_same_v<acc_t, scalar_t>;
   const int64_t inner = f.inner;
   const int64_t total = f.outer * segments;
-  constexpr bool widen = std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+  const int64_t slab = segments * inner;
+  const bool by_slab = f.outer >= 2 * at::get_num_threads() &&
+                       slab * static_cast<int64_t>(sizeof(acc_t)) <= kSlabBytes;
+  if (by_slab) {
+    std::vector<int64_t> segment_of(f.size);  // source row -> its segment
+    for (int64_t r = 0; r < segments; ++r) {
+      for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k) segment_of[perm ? perm[k] : k] = r;
+    }
+    at::parallel_for(0, f.outer, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buffer(widen ? slab : 0);
+      for (int64_t o = begin; o < end; ++o) {
+        acc_t* acc = widen ? buffer.data() : reinterpret_cast<acc_t*>(out + o * slab);
+        std::fill(acc, acc + slab, acc_t(0));
+        const scalar_t* base = src + o * f.size * inner;
+        for (int64_t m = 0; m < f.size; ++m) {
+          add_row(acc + segment_of[m] * inner, base + m * inner, inner);
+        }
+        if constexpr (widen) {
+          for (int64_t j = 0; j < slab; ++j) out[o * slab + j] = static_cast<scalar_t>(acc[j]);
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(
       0, total, row_grain(total, inner * static_cast<int64_t>(sizeof(scalar_t))),
       [&](int64_t begin, int64_t end) {
-        std::vector<float> acc(widen ? inner : 0);
+        std::vector<acc_t> buffer(widen ? inner : 0);
         for (int64_t row = begin; row < end; ++row) {
           const int64_t o = row / segments;
           const int64_t r = row - o * segments;
           const scalar_t* base = src + o * f.size * inner;
           scalar_t* dst = out + row * inner;
+          acc_t* acc = widen ? buffer.data() : reinterpret_cast<acc_t*>(dst);
+          std::fill(acc, acc + inner, acc_t(0));
+          for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k) {
+            add_row(acc, base + (perm ? perm[k] : k) * inner, inner);
+          }
           if constexpr (widen) {
-            std::fill(acc.begin(), acc.end(), 0.f);
-            for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k) {
-              add_row_widened(acc.data(), base + (perm ? perm[k] : k) * inner, inner);
-            }
-            at::vec::convert(acc.data(), dst, inner);
-          } else {
-            std::fill(dst, dst + inner, scalar_t(0));
-            for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k) {
-              add_row(dst, base + (perm ? perm[k] : k) * inner, inner);
-            }
+            for (int64_t j = 0; j < inner; ++j) dst[j] = static_cast<scalar_t>(acc[j]);
           }
         }
       });

@@ -16,7 +16,7 @@ incoming rows in a fixed order, so results are bit-identical run to run, with no
 atomics. ``csr_sum``'s own gradient is a ``gather``, so gradients of any order work.
 """
 
-from __future__ import annotations
+from typing import Optional
 
 import torch
 
@@ -47,7 +47,7 @@ def _gather_triton(src: torch.Tensor, index: torch.Tensor, dim: int, check: bool
 
 @torch.library.custom_op("fastcore::csr_sum_triton", mutates_args=())
 def _csr_sum_triton(
-    src: torch.Tensor, perm: torch.Tensor | None, ptr: torch.Tensor, dim: int, check: bool
+    src: torch.Tensor, perm: Optional[torch.Tensor], ptr: torch.Tensor, dim: int, check: bool
 ) -> torch.Tensor:
     if check:
         check_csr(ptr, perm, src.shape[dim], "csr_sum", dim)

@@ -96,19 +96,25 @@ def test_gradcheck_and_gradgradcheck(device, backend):
         assert torch.autograd.gradgradcheck(fn, (src,))
 
 
+@pytest.mark.parametrize("outer", [3, 1])
 @pytest.mark.parametrize(("device", "backend"), backend_params("gather"))
-def test_backward_is_deterministic(device, backend):
-    # Many duplicates in float32: any change of summation order changes the bits.
-    src = randn((4, 50, 33), torch.float32, device, seed=10).requires_grad_()
+def test_backward_is_deterministic(device, backend, outer):
+    # Many duplicates in float32: any change of summation order changes the bits. With
+    # outer = 3 the CPU kernel sums by slab on one thread and by segment on two: both
+    # orders must give the same bits.
+    src = randn((outer, 50, 33), torch.float32, device, seed=10).requires_grad_()
     index = randint(5, (4000,), torch.int64, device, seed=11)
-    upstream = randn((4, 4000, 33), torch.float32, device, seed=12)
+    upstream = randn((outer, 4000, 33), torch.float32, device, seed=12)
     grads = []
-    with use_backend(backend):
-        for threads in (1, 2, 1):
-            torch.set_num_threads(threads)
-            (grad,) = torch.autograd.grad(ops.gather(src, index, 1), src, upstream)
-            grads.append(grad)
-    torch.set_num_threads(2)
+    threads = torch.get_num_threads()
+    try:
+        with use_backend(backend):
+            for n in (1, 2, 1):
+                torch.set_num_threads(n)
+                (grad,) = torch.autograd.grad(ops.gather(src, index, 1), src, upstream)
+                grads.append(grad)
+    finally:
+        torch.set_num_threads(threads)
     assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
 
 
