@@ -13,6 +13,10 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.9.0
 PYTEST_ARGS ?=
+# Benchmarks run with glibc keeping freed memory mapped (as jemalloc/tcmalloc do): without
+# it every output over 32 MB is a fresh mmap whose page faults cost more than most
+# kernels. The same setting applies to every provider of a run; compare.py records it.
+BENCH_ENV   ?= MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736
 
 PY       := $(VENV)/bin/python
 DEPS     := $(VENV)/.deps-installed
@@ -38,9 +42,9 @@ test: $(BUILT)
 
 bench: $(BUILT)
 	mkdir -p bench/.runs
-	$(PY) -m pytest bench -q -p no:cacheprovider --benchmark-max-time=0.5 --benchmark-min-rounds=5 \
+	$(BENCH_ENV) $(PY) -m pytest bench -q -p no:cacheprovider --benchmark-max-time=0.5 --benchmark-min-rounds=5 \
 		--benchmark-json=bench/.runs/latest.json $(PYTEST_ARGS)
-	$(PY) bench/compare.py bench/.runs/latest.json
+	$(BENCH_ENV) $(PY) bench/compare.py bench/.runs/latest.json
 
 lint: $(BUILT)
 	$(PY) -m pip install --quiet ruff

@@ -1,12 +1,13 @@
 """Turn a pytest-benchmark JSON run into fastcore's ratio table and results file.
 
-    python bench/compare.py RUN.json [--out bench/results]
+    python bench/compare.py RUN.json [--out bench/results] [--tag NAME]
 
 For each benchmark group (op, direction, shape) every provider's median is compared with
-the group's baseline (what users run today) measured in the same run:
+the group's best baseline (the fastest of what users run today, ``baseline=True``)
+measured in the same run:
 
-* ``time ratio`` = provider median / baseline median (below 1 is faster),
-* ``speedup`` = baseline median / provider median,
+* ``time ratio`` = provider median / best baseline median (below 1 is faster),
+* ``speedup`` = best baseline median / provider median,
 * ``GB/s`` = the bytes the operation must move / median, and ``of copy`` = that bandwidth
   as a fraction of the machine's copy bandwidth measured in the same run.
 
@@ -46,6 +47,8 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cuda": torch.version.cuda,
+        # allocator settings of the run (see BENCH_ENV in the Makefile)
+        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
     }
     try:
         import triton
@@ -71,7 +74,10 @@ def build_rows(run: dict) -> tuple[float | None, list[dict]]:
             groups.setdefault(b["group"], []).append(b)
     rows = []
     for group, members in sorted(groups.items()):
-        base = [b for b in members if b["extra_info"].get("baseline")]
+        base = sorted(
+            (b for b in members if b["extra_info"].get("baseline")),
+            key=lambda b: b["stats"]["median"],
+        )
         base_median = base[0]["stats"]["median"] if base else None
         for b in sorted(members, key=lambda b: b["stats"]["median"]):
             info, median = b["extra_info"], b["stats"]["median"]
@@ -103,16 +109,19 @@ def table(copy_bw: float | None, rows: list[dict], info: dict) -> str:
     lines = [
         f"# Benchmarks on {info['gpu'] or info['cpu']} ({info['cores']} cores), torch {info['torch']}",
         "",
-        f"Copy bandwidth (same run): {f(copy_bw and copy_bw / 1e9, '.1f')} GB/s. "
-        "time ratio = provider / baseline median (lower is better); speedup = its inverse.",
+        f"Allocator environment: {' '.join(f'{k}={v}' for k, v in info['malloc_env'].items()) or 'default'}.",
         "",
-        "| op | dir | shape | provider | median ms | time ratio | speedup | GB/s | of copy |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        f"Copy bandwidth (same run): {f(copy_bw and copy_bw / 1e9, '.1f')} GB/s. "
+        "time ratio = provider / best baseline median (lower is better); speedup = its "
+        "inverse; the best baseline is the fastest of what users run today in each group.",
+        "",
+        "| op | dir | shape | provider | median ms | best baseline | time ratio | speedup | GB/s | of copy |",
+        "|---|---|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['op']} | {r['direction']} | {r['shape']} | {r['provider']} | "
-            f"{r['median_s'] * 1e3:.3f} | {f(r['time_ratio'], '.2f')} | {f(r['speedup'], '.2f')}x | "
+            f"{r['median_s'] * 1e3:.3f} | {r['baseline'] or '-'} | {f(r['time_ratio'], '.2f')} | {f(r['speedup'], '.2f')}x | "
             f"{r['gb_per_s']:.1f} | {f(r['copy_fraction'], '.0%')} |"
         )
     return "\n".join(lines) + "\n"
@@ -122,6 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="pytest-benchmark --benchmark-json output")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--tag", default="", help="suffix for the file names (a partial run)")
     args = parser.parse_args()
 
     run = json.loads(args.run.read_text())
@@ -129,6 +139,8 @@ def main() -> None:
     copy_bw, rows = build_rows(run)
     text = table(copy_bw, rows, info)
     stem = f"{device_slug(info)}-{datetime.date.today().isoformat()}"
+    if args.tag:
+        stem += f"-{args.tag}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.md").write_text(text)
     result = {

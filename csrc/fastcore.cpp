@@ -22,6 +22,20 @@ TORCH_LIBRARY(fastcore, m) {
   // perm: optional int64 permutation of 0..src.size(dim)-1 (rows in segment order).
   // Half types accumulate in float32, float64 in float64.
   m.def("csr_sum(Tensor src, Tensor? perm, Tensor ptr, int dim, bool check) -> Tensor");
+  // Reduction of rows within CSR segments along `dim` (same ptr/perm contract as csr_sum);
+  // reduce is "sum", "mean", "max" or "min". Returns (out, arg):
+  //   out: src's shape with size(dim) = R; an empty segment gives 0. Half types accumulate
+  //        in float32. max/min propagate NaN; ties go to the first member in CSR order.
+  //   arg: for max/min, int64 of out's shape holding the source row (a position along
+  //        `dim` of src) each output element came from, or src.size(dim) for an empty
+  //        segment; for sum/mean, an empty int64 tensor of shape [0].
+  m.def(
+      "segment_reduce(Tensor src, Tensor? perm, Tensor ptr, int dim, str reduce, bool check) "
+      "-> (Tensor, Tensor)");
+  // The backward of max/min: out = zeros of grad's shape with size(dim) = size, then
+  // out[..., arg[..., r, ...], ...] = grad[..., r, ...] wherever arg < size. Segments are
+  // disjoint, so no two elements land on the same place (no atomics, deterministic).
+  m.def("segment_arg_scatter(Tensor grad, Tensor arg, int dim, int size) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, m) {

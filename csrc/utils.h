@@ -2,6 +2,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 
 #include <cstdint>
 #include <string>
@@ -22,6 +25,14 @@ inline Fold fold_at(const at::Tensor& t, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) f.outer *= t.size(d);
   for (int64_t d = dim + 1; d < t.dim(); ++d) f.inner *= t.size(d);
   return f;
+}
+
+// Rows per CPU task: enough bytes per task (~32 KiB) to amortise scheduling, but never
+// so many that a small problem leaves a core idle.
+inline int64_t row_grain(int64_t rows, int64_t row_bytes) {
+  const int64_t target = std::max<int64_t>(1, (32 * 1024) / std::max<int64_t>(row_bytes, 1));
+  const int64_t per_thread = std::max<int64_t>(1, rows / std::max(1, at::get_num_threads()));
+  return std::min(target, per_thread);
 }
 
 // Shape of `t` with size(dim) replaced by `n`.

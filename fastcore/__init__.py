@@ -3,7 +3,17 @@ cross-model KV-cache alignment and temporal-encoder alignment."""
 
 from fastcore import ops
 from fastcore._backend import BACKENDS, backends, get_backend, set_backend, use_backend
+from fastcore.graph import Hierarchy, remap_hierarchy_and_graphs_strict
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "backends", "get_backend", "ops", "set_backend", "use_backend"]
+__all__ = [
+    "BACKENDS",
+    "Hierarchy",
+    "backends",
+    "get_backend",
+    "ops",
+    "remap_hierarchy_and_graphs_strict",
+    "set_backend",
+    "use_backend",
+]

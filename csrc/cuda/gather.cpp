@@ -1,6 +1,7 @@
 // CUDA registrations for the gather family: checks, layout and dispatch on the
-// host; the kernels themselves live in gather_kernel.cu (torch-free, behind the
-// extern "C" launchers declared below). Mirrors csrc/cpu/gather.cpp.
+// host; the kernels themselves are torch-free, behind extern "C" launchers: gather's in
+// gather_kernel.cu (declared below), and csr_sum runs segment_reduce's sum
+// (segment_kernel.cu, declared in segment_launch.h). Mirrors csrc/cpu/gather.cpp.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -10,24 +11,12 @@
 #include <cstdint>
 
 #include "../utils.h"
+#include "segment_launch.h"
 
-extern "C" {
-cudaError_t fastcore_gather_cuda(const void* src, const void* index, int index_is_int64, void* out,
-                                 int64_t outer, int64_t N, int64_t M, int64_t row_bytes,
-                                 cudaStream_t stream);
-cudaError_t fastcore_csr_sum_cuda_f32(const void* src, const int64_t* perm, const int64_t* ptr,
-                                      void* out, int64_t outer, int64_t M, int64_t R,
-                                      int64_t inner, cudaStream_t stream);
-cudaError_t fastcore_csr_sum_cuda_f64(const void* src, const int64_t* perm, const int64_t* ptr,
-                                      void* out, int64_t outer, int64_t M, int64_t R,
-                                      int64_t inner, cudaStream_t stream);
-cudaError_t fastcore_csr_sum_cuda_f16(const void* src, const int64_t* perm, const int64_t* ptr,
-                                      void* out, int64_t outer, int64_t M, int64_t R,
-                                      int64_t inner, cudaStream_t stream);
-cudaError_t fastcore_csr_sum_cuda_bf16(const void* src, const int64_t* perm, const int64_t* ptr,
-                                       void* out, int64_t outer, int64_t M, int64_t R,
-                                       int64_t inner, cudaStream_t stream);
-}
+extern "C" cudaError_t fastcore_gather_cuda(const void* src, const void* index,
+                                            int index_is_int64, void* out, int64_t outer,
+                                            int64_t N, int64_t M, int64_t row_bytes,
+                                            cudaStream_t stream);
 
 namespace fastcore {
 namespace {
@@ -88,14 +77,15 @@ at::Tensor csr_sum_cuda(const at::Tensor& src, const c10::optional<at::Tensor>& 
   c10::optional<at::Tensor> perm_c;
   if (perm.has_value()) perm_c = perm->to(at::kLong).contiguous();
 
-  const auto launch = dtype == at::kFloat    ? &fastcore_csr_sum_cuda_f32
-                      : dtype == at::kDouble ? &fastcore_csr_sum_cuda_f64
-                      : dtype == at::kHalf   ? &fastcore_csr_sum_cuda_f16
-                                             : &fastcore_csr_sum_cuda_bf16;
+  const auto launch = dtype == at::kFloat    ? &fastcore_segment_reduce_cuda_f32
+                      : dtype == at::kDouble ? &fastcore_segment_reduce_cuda_f64
+                      : dtype == at::kHalf   ? &fastcore_segment_reduce_cuda_f16
+                                             : &fastcore_segment_reduce_cuda_bf16;
   const cudaError_t err =
       launch(src_c.const_data_ptr(), perm_c ? perm_c->const_data_ptr<int64_t>() : nullptr,
-             ptr_c.const_data_ptr<int64_t>(), out.mutable_data_ptr(), f.outer, f.size, segments,
-             f.inner, c10::cuda::getCurrentCUDAStream().stream());
+             ptr_c.const_data_ptr<int64_t>(), out.mutable_data_ptr(), /*arg=*/nullptr, f.outer,
+             f.size, segments, f.inner, FASTCORE_SEGMENT_SUM,
+             c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "csr_sum: CUDA kernel launch failed: ", cudaGetErrorString(err));
   return out;
 }

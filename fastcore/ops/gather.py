@@ -30,6 +30,7 @@ from fastcore.ops._checks import (
     check_index_tensor,
     normalize_dim,
 )
+from fastcore.ops._csr import index_csr, segment_of
 
 _backend.register_op("gather", ("reference", "cpu", "triton", "cuda"), gpu_order=("cuda", "triton"))
 
@@ -54,15 +55,6 @@ def _csr_sum_triton(
     from fastcore.kernels import gather as kernels
 
     return kernels.csr_sum(src, perm, ptr, dim)
-
-
-def index_csr(index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(perm, ptr)`` grouping the positions of ``index`` by value: the rows
-    ``perm[ptr[v]:ptr[v+1]]`` are the positions m (ascending) where ``index[m] == v``.
-    No host synchronisation."""
-    sorted_index, perm = torch.sort(index, stable=True)
-    bounds = torch.arange(size + 1, device=index.device, dtype=sorted_index.dtype)
-    return perm, torch.searchsorted(sorted_index, bounds)
 
 
 def _gather_fake(src, index, dim, check):
@@ -101,11 +93,8 @@ def _register_family(gather_name: str, csr_sum_name: str) -> None:
 
     def csr_sum_backward(ctx, grad):
         perm, ptr = ctx.saved_tensors
-        segments = torch.arange(ptr.shape[0] - 1, device=ptr.device)
-        segment_of = torch.repeat_interleave(segments, ptr.diff(), output_size=ctx.size)
-        if perm is not None:  # source row perm[k] belongs to segment_of[k]
-            segment_of = torch.empty_like(segment_of).scatter_(0, perm.long(), segment_of)
-        return gather_op(grad, segment_of, ctx.dim, False), None, None, None, None
+        rows = segment_of(perm, ptr, ctx.size)
+        return gather_op(grad, rows, ctx.dim, False), None, None, None, None
 
     torch.library.register_autograd(gather_op, gather_backward, setup_context=gather_setup)
     torch.library.register_autograd(csr_sum_op, csr_sum_backward, setup_context=csr_sum_setup)
@@ -116,7 +105,9 @@ if _backend._C is not None:
     _register_family("gather", "csr_sum")
 
 
-def gather(src: torch.Tensor, index: torch.Tensor, dim: int = -2) -> torch.Tensor:
+def gather(
+    src: torch.Tensor, index: torch.Tensor, dim: int = -2, *, check: bool = True
+) -> torch.Tensor:
     """Select rows of ``src`` along ``dim``: ``out = src.index_select(dim, index)``.
 
     Args:
@@ -124,6 +115,8 @@ def gather(src: torch.Tensor, index: torch.Tensor, dim: int = -2) -> torch.Tenso
             (differentiable) or int32/int64. Any layout; non-contiguous input is copied.
         index: ``[M]`` int32 or int64 on ``src``'s device, every value in ``[0, N)``.
         dim: the dimension to index (negative counts from the end).
+        check: validate the index values before any kernel runs (a device sync on a GPU);
+            False skips it for an index known to be valid (e.g. a Hierarchy's parents).
 
     Returns:
         ``[*lead, M, *trail]``. Its gradient w.r.t. ``src`` is a deterministic scatter-sum
@@ -139,8 +132,8 @@ def gather(src: torch.Tensor, index: torch.Tensor, dim: int = -2) -> torch.Tenso
     check_index_tensor(index, src, "gather", "index")
     backend = _backend.resolve("gather", src.device)
     if backend == "reference":
-        if not torch.compiler.is_compiling():
+        if check and not torch.compiler.is_compiling():
             check_index_range(index, src.shape[dim], "gather", "index", dim)
         return reference.gather(src, index, dim)
     op = torch.ops.fastcore.gather_triton if backend == "triton" else torch.ops.fastcore.gather
-    return op(src, index, dim, True)
+    return op(src, index, dim, check)

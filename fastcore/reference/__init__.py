@@ -5,5 +5,6 @@ as the ``reference`` backend.
 """
 
 from fastcore.reference.gather import csr_sum, gather
+from fastcore.reference.segment import scatter, scatter_arg, segment, segment_reduce
 
-__all__ = ["csr_sum", "gather"]
+__all__ = ["csr_sum", "gather", "scatter", "scatter_arg", "segment", "segment_reduce"]

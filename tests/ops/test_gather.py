@@ -5,7 +5,7 @@ import torch
 
 import fastcore
 from fastcore import ops, reference, use_backend
-from fastcore.ops.gather import index_csr
+from fastcore.ops import index_csr
 from fastcore.testing import (
     assert_close,
     backend_dtype_params,

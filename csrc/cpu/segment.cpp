@@ -1,0 +1,343 @@
+// CPU kernels for segment reductions: segment_reduce (sum / mean / max / min over CSR
+// segments along a dim), its max/min backward segment_arg_scatter, and the sum that
+// csr_sum (gather's backward) runs. The tensor is viewed as [outer, size, inner]: the
+// inner (feature) dimension is contiguous and vectorised by the compiler, and
+// at::parallel_for splits output rows or whole slabs across threads.
+//
+// Every reduction runs its segment's members in one fixed order, so results are
+// bit-identical run to run and across thread counts; nothing uses atomics.
+#include "segment.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "../utils.h"
+
+namespace fastcore {
+
+Reduce parse_reduce(std::string_view name, const char* op) {
+  if (name == "sum") return Reduce::Sum;
+  if (name == "mean") return Reduce::Mean;
+  if (name == "max") return Reduce::Max;
+  if (name == "min") return Reduce::Min;
+  TORCH_CHECK_VALUE(false, op, ": reduce must be one of sum, mean, max, min; got '", std::string(name),
+                    "'");
+  return Reduce::Sum;
+}
+
+namespace {
+
+// acc[0:n] += row[0:n] in the accumulation type: plain loops the compiler vectorises
+// for the build's target (ATen's generic at::vec::Vectorized, used when an extension is
+// not compiled per CPU capability, goes through a memcpy per vector).
+template <typename acc_t, typename scalar_t>
+inline void add_row(acc_t* __restrict__ acc, const scalar_t* __restrict__ row, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) acc[j] += static_cast<acc_t>(row[j]);
+}
+
+// Max/min step: take row[j] (source row m) where it beats acc[j]: strictly greater
+// (max) / smaller (min), or NaN where acc[j] is not (NaN propagates, the first NaN wins).
+// Equal values keep the earlier element, so ties go to the first member. Positions are
+// pos_t (int32 while the rows fit) so that values and positions share a vector lane width.
+template <Reduce R, typename acc_t, typename scalar_t, typename pos_t>
+inline void arg_row(acc_t* __restrict__ acc, pos_t* __restrict__ arg,
+                    const scalar_t* __restrict__ row, pos_t m, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t v = static_cast<acc_t>(row[j]);
+    const acc_t a = acc[j];
+    // Bitwise, not short-circuit, operators: no control flow, so the loop vectorises.
+    const bool better = (R == Reduce::Max ? v > a : v < a) | ((v != v) & (a == a));
+    acc[j] = better ? v : a;
+    arg[j] = better ? m : arg[j];
+  }
+}
+
+template <typename pos_t>
+inline void store_arg(int64_t* __restrict__ dst, const pos_t* __restrict__ pos, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<int64_t>(pos[j]);
+}
+
+// The hot loops below are compiled twice on x86-64, for AVX2 and for the baseline ISA,
+// and the loader picks one for the CPU at hand (GCC/Clang function multiversioning):
+// twice the vector width without building the whole extension for one CPU.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTCORE_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FASTCORE_SIMD_CLONES
+#endif
+
+// Fold source rows `rows[i]` (row index m = rows ? rows[i] : first + i, i < count) into
+// accumulator row segment[i] (or 0): the sum inner loop of both loop orders.
+template <typename acc_t, typename scalar_t>
+FASTCORE_SIMD_CLONES void add_rows(acc_t* acc, const scalar_t* base, const int64_t* rows,
+                                   const int64_t* segment, int64_t first, int64_t count,
+                                   int64_t inner) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t m = rows ? rows[i] : first + i;
+    add_row(acc + (segment ? segment[i] * inner : 0), base + m * inner, inner);
+  }
+}
+
+// The same for max/min, tracking positions.
+template <Reduce R, typename acc_t, typename scalar_t, typename pos_t>
+FASTCORE_SIMD_CLONES void arg_rows(acc_t* acc, pos_t* pos, const scalar_t* base,
+                                   const int64_t* rows, const int64_t* segment, int64_t first,
+                                   int64_t count, int64_t inner) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t m = rows ? rows[i] : first + i;
+    const int64_t offset = segment ? segment[i] * inner : 0;
+    arg_row<R>(acc + offset, pos + offset, base + m * inner, static_cast<pos_t>(m), inner);
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+inline void load_row(acc_t* __restrict__ acc, const scalar_t* __restrict__ row, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) acc[j] = static_cast<acc_t>(row[j]);
+}
+
+// dst = acc / divisor (mean) or acc, converted to the output type; dst may alias acc.
+template <typename acc_t, typename scalar_t>
+inline void store_row(scalar_t* dst, const acc_t* acc, int64_t n, acc_t divisor) {
+  if (divisor == acc_t(1)) {
+    if (static_cast<const void*>(dst) == static_cast<const void*>(acc)) return;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(acc[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(acc[j] / divisor);
+  }
+}
+
+// Two loop orders with a fixed order within each segment:
+//  * by segment: each output row (o, r) walks its members perm[ptr[r]] .. perm[ptr[r+1]-1];
+//    parallel over output rows; works for any shape.
+//  * by slab: for one outer index o, stream the source rows m = 0 .. size-1 in order and
+//    fold each into its segment's accumulator row, which stays in cache; parallel over
+//    outer. Chosen when there are enough slabs for every thread and a slab's
+//    accumulators fit in L2. Its order within a segment is ascending source row, which is
+//    the by-segment order when perm lists each segment's members ascending (as the
+//    stable sort behind every fastcore CSR does).
+constexpr int64_t kSlabBytes = 512 * 1024;
+
+template <Reduce R, typename scalar_t, typename pos_t>
+void segment_rows(const scalar_t* src, const int64_t* perm, const int64_t* ptr, scalar_t* out,
+                  int64_t* arg, const Fold& f, int64_t segments) {
+  using acc_t = at::opmath_type<scalar_t>;  // float for half types, else scalar_t
+  constexpr bool widen = !std::is_same_v<acc_t, scalar_t>;
+  constexpr bool arg_reduce = R == Reduce::Max || R == Reduce::Min;
+  const int64_t inner = f.inner;
+  const int64_t slab = segments * inner;
+  const int64_t slab_bytes =
+      slab * static_cast<int64_t>(sizeof(acc_t) + (arg_reduce ? sizeof(pos_t) : 0));
+  // Half types accumulate in a float buffer; the rest in the output itself.
+  auto member = [&](int64_t k) { return perm ? perm[k] : k; };
+  auto divisor = [&](int64_t r) {
+    return R == Reduce::Mean && ptr[r + 1] > ptr[r] ? static_cast<acc_t>(ptr[r + 1] - ptr[r])
+                                                    : acc_t(1);
+  };
+  // Max/min: start a segment's accumulator row from its first member (or 0 and the
+  // position `size` when it is empty).
+  auto start_arg_row = [&](acc_t* a, pos_t* g, const scalar_t* base, int64_t r) {
+    if (ptr[r + 1] > ptr[r]) {
+      const int64_t first = member(ptr[r]);
+      load_row(a, base + first * inner, inner);
+      std::fill(g, g + inner, static_cast<pos_t>(first));
+    } else {
+      std::fill(a, a + inner, acc_t(0));
+      std::fill(g, g + inner, static_cast<pos_t>(f.size));
+    }
+  };
+
+  if (f.outer >= 2 * at::get_num_threads() && slab_bytes <= kSlabBytes) {
+    std::vector<int64_t> segment_of(f.size);  // source row -> its segment
+    for (int64_t r = 0; r < segments; ++r) {
+      for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k) segment_of[member(k)] = r;
+    }
+    at::parallel_for(0, f.outer, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buffer(widen ? slab : 0);
+      std::vector<pos_t> positions(arg_reduce ? slab : 0);
+      for (int64_t o = begin; o < end; ++o) {
+        scalar_t* out_slab = out + o * slab;
+        acc_t* acc = widen ? buffer.data() : reinterpret_cast<acc_t*>(out_slab);
+        const scalar_t* base = src + o * f.size * inner;
+        if constexpr (arg_reduce) {
+          pos_t* pos = positions.data();
+          for (int64_t r = 0; r < segments; ++r) {
+            start_arg_row(acc + r * inner, pos + r * inner, base, r);
+          }
+          arg_rows<R>(acc, pos, base, nullptr, segment_of.data(), 0, f.size, inner);
+          store_arg(arg + o * slab, pos, slab);
+        } else {
+          std::fill(acc, acc + slab, acc_t(0));
+          add_rows(acc, base, nullptr, segment_of.data(), 0, f.size, inner);
+        }
+        if (widen || R == Reduce::Mean) {
+          for (int64_t r = 0; r < segments; ++r) {
+            store_row(out_slab + r * inner, acc + r * inner, inner, divisor(r));
+          }
+        }
+      }
+    });
+    return;
+  }
+
+  const int64_t total = f.outer * segments;
+  at::parallel_for(
+      0, total, row_grain(total, inner * static_cast<int64_t>(sizeof(scalar_t))),
+      [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> buffer(widen ? inner : 0);
+        std::vector<pos_t> positions(arg_reduce ? inner : 0);
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t o = row / segments;
+          const int64_t r = row - o * segments;
+          const scalar_t* base = src + o * f.size * inner;
+          scalar_t* dst = out + row * inner;
+          acc_t* acc = widen ? buffer.data() : reinterpret_cast<acc_t*>(dst);
+          if constexpr (arg_reduce) {
+            pos_t* pos = positions.data();
+            start_arg_row(acc, pos, base, r);
+            const int64_t k = ptr[r] + 1;
+            arg_rows<R>(acc, pos, base, perm ? perm + k : nullptr, nullptr, k, ptr[r + 1] - k,
+                        inner);
+            store_arg(arg + row * inner, pos, inner);
+          } else {
+            std::fill(acc, acc + inner, acc_t(0));
+            add_rows(acc, base, perm ? perm + ptr[r] : nullptr, nullptr, ptr[r],
+                     ptr[r + 1] - ptr[r], inner);
+          }
+          if (widen || R == Reduce::Mean) store_row(dst, acc, inner, divisor(r));
+        }
+      });
+}
+
+template <Reduce R, typename scalar_t>
+void segment_dispatch(const scalar_t* src, const int64_t* perm, const int64_t* ptr, scalar_t* out,
+                      int64_t* arg, const Fold& f, int64_t segments) {
+  // Positions up to `size` (the empty-segment marker) must fit the position type.
+  if (f.size < std::numeric_limits<int32_t>::max()) {
+    segment_rows<R, scalar_t, int32_t>(src, perm, ptr, out, arg, f, segments);
+  } else {
+    segment_rows<R, scalar_t, int64_t>(src, perm, ptr, out, arg, f, segments);
+  }
+}
+
+void check_csr_tensors(const at::Tensor& src, const std::optional<at::Tensor>& perm,
+                       const at::Tensor& ptr, const char* op) {
+  check_index_tensor(ptr, op, "ptr");
+  TORCH_CHECK_VALUE(ptr.device() == src.device(), op, ": ptr is on ", ptr.device(),
+                    " but src is on ", src.device());
+  if (perm.has_value()) {
+    check_index_tensor(*perm, op, "perm");
+    TORCH_CHECK_VALUE(perm->device() == src.device(), op, ": perm is on ", perm->device(),
+                      " but src is on ", src.device());
+  }
+  const auto dtype = src.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                       dtype == at::kBFloat16,
+                   op, ": src must be float32, float64, float16 or bfloat16, got ", dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor> segment_reduce_cpu(const at::Tensor& src,
+                                                      const std::optional<at::Tensor>& perm,
+                                                      const at::Tensor& ptr, int64_t dim,
+                                                      c10::string_view reduce, bool check) {
+  const Reduce r = parse_reduce(std::string_view(reduce.data(), reduce.size()), "segment_reduce");
+  return segment_reduce_cpu_impl(src, perm, ptr, dim, r, check, "segment_reduce");
+}
+
+at::Tensor segment_arg_scatter_cpu(const at::Tensor& grad, const at::Tensor& arg, int64_t dim,
+                                   int64_t size) {
+  TORCH_CHECK_TYPE(arg.scalar_type() == at::kLong,
+                   "segment_arg_scatter: arg must be int64, got ", arg.scalar_type());
+  TORCH_CHECK_VALUE(arg.sizes() == grad.sizes(), "segment_arg_scatter: arg shape ", arg.sizes(),
+                    " must equal grad shape ", grad.sizes());
+  TORCH_CHECK_VALUE(size >= 0, "segment_arg_scatter: size must be >= 0, got ", size);
+  const Fold f = fold_at(grad, dim);
+  auto out = at::zeros(shape_with(grad, dim, size), grad.options());
+  if (grad.numel() == 0 || out.numel() == 0) return out;
+  const auto grad_c = grad.contiguous();
+  const auto arg_c = arg.contiguous();
+  const int64_t segments = f.size;
+  const int64_t inner = f.inner;
+  const int64_t total = f.outer * segments;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "segment_arg_scatter_cpu", [&] {
+    const scalar_t* g = grad_c.const_data_ptr<scalar_t>();
+    const int64_t* a = arg_c.const_data_ptr<int64_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, total, row_grain(total, inner * 8), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        scalar_t* slab = o + (row / segments) * size * inner;
+        for (int64_t j = 0; j < inner; ++j) {
+          const int64_t m = a[row * inner + j];
+          if (m >= 0 && m < size) slab[m * inner + j] = g[row * inner + j];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> segment_reduce_cpu_impl(const at::Tensor& src,
+                                                           const std::optional<at::Tensor>& perm,
+                                                           const at::Tensor& ptr, int64_t dim,
+                                                           Reduce reduce, bool check,
+                                                           const char* op) {
+  check_csr_tensors(src, perm, ptr, op);
+  const Fold f = fold_at(src, dim);
+  if (check) check_csr(ptr, perm, f.size, op, dim);
+
+  const int64_t segments = ptr.numel() - 1;
+  const bool arg_reduce = reduce == Reduce::Max || reduce == Reduce::Min;
+  auto out = at::empty(shape_with(src, dim, segments), src.options());
+  auto arg = arg_reduce ? at::empty(out.sizes(), src.options().dtype(at::kLong))
+                        : at::empty({0}, src.options().dtype(at::kLong));
+  if (out.numel() == 0) return {out, arg};
+
+  const auto src_c = src.contiguous();
+  const auto ptr_c = ptr.to(at::kLong).contiguous();
+  std::optional<at::Tensor> perm_c;
+  if (perm.has_value()) perm_c = perm->to(at::kLong).contiguous();
+  const int64_t* perm_ptr = perm_c ? perm_c->const_data_ptr<int64_t>() : nullptr;
+  int64_t* arg_ptr = arg_reduce ? arg.mutable_data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "segment_cpu", [&] {
+    const scalar_t* s = src_c.const_data_ptr<scalar_t>();
+    const int64_t* p = ptr_c.const_data_ptr<int64_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    switch (reduce) {
+      case Reduce::Sum:
+        segment_dispatch<Reduce::Sum>(s, perm_ptr, p, o, arg_ptr, f, segments);
+        break;
+      case Reduce::Mean:
+        segment_dispatch<Reduce::Mean>(s, perm_ptr, p, o, arg_ptr, f, segments);
+        break;
+      case Reduce::Max:
+        segment_dispatch<Reduce::Max>(s, perm_ptr, p, o, arg_ptr, f, segments);
+        break;
+      case Reduce::Min:
+        segment_dispatch<Reduce::Min>(s, perm_ptr, p, o, arg_ptr, f, segments);
+        break;
+    }
+  });
+  return {out, arg};
+}
+
+TORCH_LIBRARY_IMPL(fastcore, CPU, m) {
+  m.impl("segment_reduce", &segment_reduce_cpu);
+  m.impl("segment_arg_scatter", &segment_arg_scatter_cpu);
+}
+
+}  // namespace fastcore

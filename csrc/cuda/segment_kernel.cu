@@ -1,0 +1,305 @@
+// CUDA kernels for segment reductions: segment_reduce (sum / mean / max / min over CSR
+// segments along a dim; csr_sum, gather's backward, is its sum) and segment_arg_scatter
+// (the max/min backward). Free of torch headers so that `nvcc -c` can check it without a
+// CUDA torch; csrc/cuda/segment.cpp and csrc/cuda/gather.cpp hold the torch glue, and
+// segment_launch.h declares the launchers below.
+//
+// Both kernels work on output rows of the folded view [outer, segments, inner]: a block is
+// blockDim.x threads across a row (the contiguous inner dimension, in packs of VEC
+// elements) times blockDim.y rows, and a grid-stride loop walks the rows, so any row count
+// works with a capped grid. A thread reduces its VEC columns over the segment's members
+// sequentially, in CSR order: deterministic, no atomics. All offsets are int64.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "segment_launch.h"
+
+namespace {
+
+constexpr int kThreads = 256;          // threads per block
+constexpr int64_t kMaxBlocks = 65536;  // grid cap; the grid-stride loops cover the rest
+
+struct RowLaunch {
+  dim3 grid;
+  dim3 block;
+};
+
+// blockDim.x: the smallest power of two >= width (packs per row), at most kThreads;
+// the rest of the block's threads take further rows (blockDim.y).
+// Requires rows > 0 and width > 0.
+RowLaunch row_launch(int64_t rows, int64_t width) {
+  unsigned tx = 1;
+  while (tx < width && tx < kThreads) tx *= 2;
+  const unsigned ty = kThreads / tx;
+  const int64_t needed = (rows + ty - 1) / ty;
+  const int64_t blocks = needed < kMaxBlocks ? needed : kMaxBlocks;
+  return {dim3(static_cast<unsigned>(blocks)), dim3(tx, ty)};
+}
+
+// Accumulator type and explicit conversions (torch builds with
+// __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__).
+template <typename T>
+struct Acc {
+  using type = T;
+  static __device__ __forceinline__ T load(T x) { return x; }
+  static __device__ __forceinline__ T store(T x) { return x; }
+};
+template <>
+struct Acc<__half> {
+  using type = float;
+  static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Acc<__nv_bfloat16> {
+  using type = float;
+  static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
+};
+
+// VEC consecutive elements moved as one aligned access.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// ---------------------------------------------------------------------------
+// segment_reduce: out[o, r, :] = reduce_{k in [ptr[r], ptr[r+1])} src[o, perm ? perm[k] : k, :]
+
+template <typename scalar_t, int VEC, int R>
+__global__ void __launch_bounds__(kThreads)
+    segment_reduce_kernel(const scalar_t* __restrict__ src, const int64_t* __restrict__ perm,
+                          const int64_t* __restrict__ ptr, scalar_t* __restrict__ out,
+                          int64_t* __restrict__ arg, int64_t outer, int64_t size,
+                          int64_t segments, int64_t inner) {
+  using A = Acc<scalar_t>;
+  using acc_t = typename A::type;
+  using pack_t = Pack<scalar_t, VEC>;
+  using arg_pack_t = Pack<int64_t, VEC>;
+  constexpr bool arg_reduce = R == FASTCORE_SEGMENT_MAX || R == FASTCORE_SEGMENT_MIN;
+  const int64_t width = inner / VEC;  // packs per row; the launcher ensures inner % VEC == 0
+  const int64_t rows = outer * segments;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < rows;
+       row += stride) {
+    const int64_t o = outer == 1 ? 0 : row / segments;  // skip the int64 division when dim == 0
+    const int64_t r = row - o * segments;
+    const int64_t begin = ptr[r];
+    const int64_t end = ptr[r + 1];
+    const pack_t* base = reinterpret_cast<const pack_t*>(src + o * size * inner);
+    pack_t* dst = reinterpret_cast<pack_t*>(out + row * inner);
+    for (int64_t c = threadIdx.x; c < width; c += blockDim.x) {
+      acc_t acc[VEC];
+      if constexpr (arg_reduce) {
+        arg_pack_t idx;
+        if (begin == end) {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) {
+            acc[i] = acc_t(0);
+            idx.v[i] = size;
+          }
+        } else {
+          // Start from the first member; a later one replaces it only when strictly
+          // better or NaN over a non-NaN, so ties keep the first and the first NaN wins.
+          const int64_t first = perm ? perm[begin] : begin;
+          const pack_t v0 = base[first * width + c];
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) {
+            acc[i] = A::load(v0.v[i]);
+            idx.v[i] = first;
+          }
+#pragma unroll 4
+          for (int64_t k = begin + 1; k < end; ++k) {
+            const int64_t m = perm ? perm[k] : k;
+            const pack_t v = base[m * width + c];
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+              const acc_t x = A::load(v.v[i]);
+              const bool better = (R == FASTCORE_SEGMENT_MAX ? x > acc[i] : x < acc[i]) ||
+                                  (x != x && acc[i] == acc[i]);
+              if (better) {
+                acc[i] = x;
+                idx.v[i] = m;
+              }
+            }
+          }
+        }
+        reinterpret_cast<arg_pack_t*>(arg + row * inner)[c] = idx;
+      } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[i] = acc_t(0);
+        // Sequential in k (deterministic); unrolling only lets the loads overlap.
+#pragma unroll 4
+        for (int64_t k = begin; k < end; ++k) {
+          const int64_t m = perm ? perm[k] : k;
+          const pack_t v = base[m * width + c];
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) acc[i] += A::load(v.v[i]);
+        }
+        if (R == FASTCORE_SEGMENT_MEAN && end > begin) {
+          const acc_t count = static_cast<acc_t>(end - begin);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) acc[i] = acc[i] / count;
+        }
+      }
+      pack_t res;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) res.v[i] = A::store(acc[i]);
+      dst[c] = res;
+    }
+  }
+}
+
+// Starts at the widest 16-byte pack and halves VEC until inner and the base addresses
+// (src, out, and arg for max/min, whose packs are VEC int64) are multiples of the pack
+// (then so is every row start).
+template <typename scalar_t, int VEC, int R>
+cudaError_t launch_segment_reduce(const void* src, const int64_t* perm, const int64_t* ptr,
+                                  void* out, int64_t* arg, int64_t outer, int64_t size,
+                                  int64_t segments, int64_t inner, cudaStream_t stream) {
+  if constexpr (VEC > 1) {
+    constexpr uintptr_t bytes = sizeof(scalar_t) * VEC;
+    constexpr uintptr_t arg_bytes = sizeof(int64_t) * VEC;
+    const uintptr_t bits = reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(out);
+    const bool arg_misaligned = (R == FASTCORE_SEGMENT_MAX || R == FASTCORE_SEGMENT_MIN) &&
+                                reinterpret_cast<uintptr_t>(arg) % arg_bytes != 0;
+    if (inner % VEC != 0 || bits % bytes != 0 || arg_misaligned) {
+      return launch_segment_reduce<scalar_t, VEC / 2, R>(src, perm, ptr, out, arg, outer, size,
+                                                         segments, inner, stream);
+    }
+  }
+  const RowLaunch l = row_launch(outer * segments, inner / VEC);
+  segment_reduce_kernel<scalar_t, VEC, R><<<l.grid, l.block, 0, stream>>>(
+      static_cast<const scalar_t*>(src), perm, ptr, static_cast<scalar_t*>(out), arg, outer, size,
+      segments, inner);
+  return cudaGetLastError();
+}
+
+// size == 0 still launches: every segment is then empty and its output row is 0.
+template <typename scalar_t>
+cudaError_t segment_reduce(const void* src, const int64_t* perm, const int64_t* ptr, void* out,
+                           int64_t* arg, int64_t outer, int64_t size, int64_t segments,
+                           int64_t inner, int reduce, cudaStream_t stream) {
+  if (outer <= 0 || segments <= 0 || inner <= 0) return cudaSuccess;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  switch (reduce) {
+    case FASTCORE_SEGMENT_SUM:
+      return launch_segment_reduce<scalar_t, kVec, FASTCORE_SEGMENT_SUM>(
+          src, perm, ptr, out, arg, outer, size, segments, inner, stream);
+    case FASTCORE_SEGMENT_MEAN:
+      return launch_segment_reduce<scalar_t, kVec, FASTCORE_SEGMENT_MEAN>(
+          src, perm, ptr, out, arg, outer, size, segments, inner, stream);
+    case FASTCORE_SEGMENT_MAX:
+      if (arg == nullptr) return cudaErrorInvalidValue;
+      return launch_segment_reduce<scalar_t, kVec, FASTCORE_SEGMENT_MAX>(
+          src, perm, ptr, out, arg, outer, size, segments, inner, stream);
+    case FASTCORE_SEGMENT_MIN:
+      if (arg == nullptr) return cudaErrorInvalidValue;
+      return launch_segment_reduce<scalar_t, kVec, FASTCORE_SEGMENT_MIN>(
+          src, perm, ptr, out, arg, outer, size, segments, inner, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// segment_arg_scatter: out[o, arg[o, r, j], j] = grad[o, r, j] where arg[o, r, j] < size.
+// Moves the elements' bits (bits_t of the element's width): no arithmetic.
+
+template <typename bits_t>
+__global__ void __launch_bounds__(kThreads)
+    segment_arg_scatter_kernel(const bits_t* __restrict__ grad, const int64_t* __restrict__ arg,
+                               bits_t* __restrict__ out, int64_t outer, int64_t segments,
+                               int64_t size, int64_t inner) {
+  const int64_t rows = outer * segments;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < rows;
+       row += stride) {
+    const int64_t o = outer == 1 ? 0 : row / segments;  // skip the int64 division when dim == 0
+    const bits_t* g = grad + row * inner;
+    const int64_t* a = arg + row * inner;
+    bits_t* slab = out + o * size * inner;
+    for (int64_t j = threadIdx.x; j < inner; j += blockDim.x) {
+      const int64_t m = a[j];
+      if (m >= 0 && m < size) slab[m * inner + j] = g[j];
+    }
+  }
+}
+
+template <typename bits_t>
+cudaError_t segment_arg_scatter(const void* grad, const int64_t* arg, void* out, int64_t outer,
+                                int64_t segments, int64_t size, int64_t inner,
+                                cudaStream_t stream) {
+  if (outer <= 0 || segments <= 0 || size <= 0 || inner <= 0) return cudaSuccess;
+  const RowLaunch l = row_launch(outer * segments, inner);
+  segment_arg_scatter_kernel<bits_t><<<l.grid, l.block, 0, stream>>>(
+      static_cast<const bits_t*>(grad), arg, static_cast<bits_t*>(out), outer, segments, size,
+      inner);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+extern "C" {
+
+cudaError_t fastcore_segment_reduce_cuda_f32(const void* src, const int64_t* perm,
+                                             const int64_t* ptr, void* out, int64_t* arg,
+                                             int64_t outer, int64_t size, int64_t segments,
+                                             int64_t inner, int reduce, cudaStream_t stream) {
+  return segment_reduce<float>(src, perm, ptr, out, arg, outer, size, segments, inner, reduce,
+                               stream);
+}
+
+cudaError_t fastcore_segment_reduce_cuda_f64(const void* src, const int64_t* perm,
+                                             const int64_t* ptr, void* out, int64_t* arg,
+                                             int64_t outer, int64_t size, int64_t segments,
+                                             int64_t inner, int reduce, cudaStream_t stream) {
+  return segment_reduce<double>(src, perm, ptr, out, arg, outer, size, segments, inner, reduce,
+                                stream);
+}
+
+cudaError_t fastcore_segment_reduce_cuda_f16(const void* src, const int64_t* perm,
+                                             const int64_t* ptr, void* out, int64_t* arg,
+                                             int64_t outer, int64_t size, int64_t segments,
+                                             int64_t inner, int reduce, cudaStream_t stream) {
+  return segment_reduce<__half>(src, perm, ptr, out, arg, outer, size, segments, inner, reduce,
+                                stream);
+}
+
+cudaError_t fastcore_segment_reduce_cuda_bf16(const void* src, const int64_t* perm,
+                                              const int64_t* ptr, void* out, int64_t* arg,
+                                              int64_t outer, int64_t size, int64_t segments,
+                                              int64_t inner, int reduce, cudaStream_t stream) {
+  return segment_reduce<__nv_bfloat16>(src, perm, ptr, out, arg, outer, size, segments, inner,
+                                       reduce, stream);
+}
+
+cudaError_t fastcore_segment_arg_scatter_cuda_f32(const void* grad, const int64_t* arg, void* out,
+                                                  int64_t outer, int64_t segments, int64_t size,
+                                                  int64_t inner, cudaStream_t stream) {
+  return segment_arg_scatter<uint32_t>(grad, arg, out, outer, segments, size, inner, stream);
+}
+
+cudaError_t fastcore_segment_arg_scatter_cuda_f64(const void* grad, const int64_t* arg, void* out,
+                                                  int64_t outer, int64_t segments, int64_t size,
+                                                  int64_t inner, cudaStream_t stream) {
+  return segment_arg_scatter<uint64_t>(grad, arg, out, outer, segments, size, inner, stream);
+}
+
+cudaError_t fastcore_segment_arg_scatter_cuda_f16(const void* grad, const int64_t* arg, void* out,
+                                                  int64_t outer, int64_t segments, int64_t size,
+                                                  int64_t inner, cudaStream_t stream) {
+  return segment_arg_scatter<uint16_t>(grad, arg, out, outer, segments, size, inner, stream);
+}
+
+cudaError_t fastcore_segment_arg_scatter_cuda_bf16(const void* grad, const int64_t* arg,
+                                                   void* out, int64_t outer, int64_t segments,
+                                                   int64_t size, int64_t inner,
+                                                   cudaStream_t stream) {
+  return segment_arg_scatter<uint16_t>(grad, arg, out, outer, segments, size, inner, stream);
+}
+
+}  // extern "C"

@@ -1,0 +1,5 @@
+"""fastcore's layers (``torch.nn.Module``s over fastcore ops)."""
+
+from fastcore.nn.pooling import GraphPooling, GraphUnpooling
+
+__all__ = ["GraphPooling", "GraphUnpooling"]
