@@ -40,11 +40,17 @@ $(BUILT): $(DEPS) $(SOURCES)
 test: $(BUILT)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+BENCH_FILES ?= $(filter-out bench/test_bench_copy.py,$(wildcard bench/test_bench_*.py))
+
+# One process per bench file, each with its own copy-bandwidth measurement.
 bench: $(BUILT)
-	mkdir -p bench/.runs
-	$(BENCH_ENV) $(PY) -m pytest bench -q -p no:cacheprovider --benchmark-max-time=0.5 --benchmark-min-rounds=5 \
-		--benchmark-json=bench/.runs/latest.json $(PYTEST_ARGS)
-	$(BENCH_ENV) $(PY) bench/compare.py bench/.runs/latest.json
+	rm -rf bench/.runs && mkdir -p bench/.runs
+	for f in $(BENCH_FILES); do \
+		$(BENCH_ENV) $(PY) -m pytest bench/test_bench_copy.py $$f -q -p no:cacheprovider \
+			--benchmark-max-time=0.5 --benchmark-min-rounds=5 \
+			--benchmark-json=bench/.runs/$$(basename $$f .py).json $(PYTEST_ARGS) || exit 1; \
+	done
+	$(BENCH_ENV) $(PY) bench/compare.py bench/.runs/*.json
 
 lint: $(BUILT)
 	$(PY) -m pip install --quiet ruff

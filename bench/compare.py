@@ -1,6 +1,10 @@
 """Turn a pytest-benchmark JSON run into fastcore's ratio table and results file.
 
-    python bench/compare.py RUN.json [--out bench/results] [--tag NAME]
+    python bench/compare.py RUN.json [RUN.json ...] [--out bench/results] [--tag NAME]
+
+Each RUN.json is one pytest-benchmark process (``make bench`` runs one per bench file, so
+that one file's memory does not carry into the next) with its own copy benchmark: its
+groups are graded against the copy bandwidth of the same process.
 
 For each benchmark group (op, direction, shape) every provider's median is compared with
 the group's best baseline (the fastest of what users run today, ``baseline=True``)
@@ -102,7 +106,7 @@ def build_rows(run: dict) -> tuple[float | None, list[dict]]:
     return copy_bw, rows
 
 
-def table(copy_bw: float | None, rows: list[dict], info: dict) -> str:
+def table(copy_bws: list[float | None], rows: list[dict], info: dict) -> str:
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
@@ -111,7 +115,8 @@ def table(copy_bw: float | None, rows: list[dict], info: dict) -> str:
         "",
         f"Allocator environment: {' '.join(f'{k}={v}' for k, v in info['malloc_env'].items()) or 'default'}.",
         "",
-        f"Copy bandwidth (same run): {f(copy_bw and copy_bw / 1e9, '.1f')} GB/s. "
+        "Copy bandwidth (measured in each process): "
+        f"{', '.join(f(bw and bw / 1e9, '.1f') for bw in copy_bws)} GB/s. "
         "time ratio = provider / best baseline median (lower is better); speedup = its "
         "inverse; the best baseline is the fastest of what users run today in each group.",
         "",
@@ -129,15 +134,21 @@ def table(copy_bw: float | None, rows: list[dict], info: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="pytest-benchmark --benchmark-json output")
+    parser.add_argument(
+        "runs", type=Path, nargs="+", help="pytest-benchmark --benchmark-json outputs"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--tag", default="", help="suffix for the file names (a partial run)")
     args = parser.parse_args()
 
-    run = json.loads(args.run.read_text())
+    runs = [json.loads(path.read_text()) for path in args.runs]
     info = machine_info()
-    copy_bw, rows = build_rows(run)
-    text = table(copy_bw, rows, info)
+    copy_bws, rows = [], []
+    for run in runs:
+        copy_bw, run_rows = build_rows(run)
+        copy_bws.append(copy_bw)
+        rows += run_rows
+    text = table(copy_bws, rows, info)
     stem = f"{device_slug(info)}-{datetime.date.today().isoformat()}"
     if args.tag:
         stem += f"-{args.tag}"
@@ -145,9 +156,9 @@ def main() -> None:
     (args.out / f"{stem}.md").write_text(text)
     result = {
         "machine": info,
-        "copy_bandwidth_gb_per_s": copy_bw and copy_bw / 1e9,
+        "copy_bandwidth_gb_per_s": [bw and bw / 1e9 for bw in copy_bws],
         "rows": rows,
-        "raw": run,
+        "raw": runs,
     }
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     print(text)

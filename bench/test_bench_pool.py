@@ -8,8 +8,9 @@ Pooling (sum / mean / max) reduces children into parents with the level's cached
 ``avg_pool_x`` / ``max_pool_x`` and torch_scatter when installed. Providers also include
 the eager reference and ``torch.compile`` of it.
 
-On the CPU, shapes whose input exceeds ``MAX_CPU_BYTES`` are left out (the N = 8,600 /
-H*F = 320 sizes need tens of GB for a forward+backward with every provider).
+On the CPU, shapes whose input exceeds ``MAX_CPU_BYTES`` are left out: with every provider
+in one process (and freed memory kept mapped, see BENCH_ENV in the Makefile) the larger
+ones, N = 8,600 among them, outgrow the CI machine's 24 GB.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from fastcore.testing import backends_for
 BT = [24 * 32, 96 * 32]
 N = [400, 1_000, 8_600]
 HF = [64, 320]
-MAX_CPU_BYTES = 1.75 * 2**30
+MAX_CPU_BYTES = 0.8 * 2**30
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32] + ([torch.bfloat16] if CUDA else [])
@@ -203,7 +204,9 @@ def unpool_fn(provider, parent_x, index, skip):
 
         def run():
             with fastcore.use_backend(backend):
-                return add(ops.gather(parent_x, index, -2, check=False))
+                if skip is None:
+                    return ops.gather(parent_x, index, -2, check=False)
+                return ops.gather_add(parent_x, index, skip, -2, check=False)
 
         return run
     if provider == "fastcore.reference":

@@ -16,6 +16,9 @@
 TORCH_LIBRARY(fastcore, m) {
   // out = src.index_select(dim, index); index is 1-D int32/int64.
   m.def("gather(Tensor src, Tensor index, int dim, bool check) -> Tensor");
+  // out = base + src.index_select(dim, index) in one pass (float dtypes; base has the
+  // output's shape and src's dtype; half types add in float32, like torch.add).
+  m.def("gather_add(Tensor src, Tensor index, Tensor base, int dim, bool check) -> Tensor");
   // Sum of rows within CSR segments along `dim`:
   //   out[..., r, ...] = sum_{k in [ptr[r], ptr[r+1])} src[..., perm[k] (or k), ...]
   // ptr: int64 [R+1], ptr[0] = 0, non-decreasing, ptr[R] = src.size(dim).
@@ -36,6 +39,24 @@ TORCH_LIBRARY(fastcore, m) {
   // out[..., arg[..., r, ...], ...] = grad[..., r, ...] wherever arg < size. Segments are
   // disjoint, so no two elements land on the same place (no atomics, deterministic).
   m.def("segment_arg_scatter(Tensor grad, Tensor arg, int dim, int size) -> Tensor");
+  // Sparse (graph) times dense along `dim`, over the edges grouped by destination (CSR):
+  //   out[..., v, ...] = sum_{k in [ptr[v], ptr[v+1])} weight[k] * x[..., col[k], ...]
+  // ptr: int64 [V+1] over the E entries; col: int64 [E], the source node of each entry;
+  // weight: [E] in CSR order, x's dtype (absent: 1). out has V rows along `dim`.
+  // t_ptr / t_col / t_edge: the same edges grouped by source (the transpose, which the
+  // backward runs): t_ptr [x.size(dim)+1], t_col [E] the destination of each entry,
+  // t_edge [E] the CSR position of each entry. Sums run in CSR order (deterministic);
+  // half types accumulate in float32.
+  m.def(
+      "spmm(Tensor x, Tensor? weight, Tensor ptr, Tensor col, Tensor t_ptr, Tensor t_col, "
+      "Tensor t_edge, int dim, bool check) -> Tensor");
+  // The edge-weight gradient of spmm (an SDDMM), in CSR order:
+  //   out[k] = sum over every other index (..., j) of grad[..., v_k, ..., j] * x[..., col[k], ..., j]
+  // with v_k the destination of entry k; x's dtype, accumulated in float64 over a fixed
+  // order. The transpose arguments are those of spmm (its own backward needs them).
+  m.def(
+      "spmm_edge_grad(Tensor grad, Tensor x, Tensor ptr, Tensor col, Tensor t_ptr, Tensor t_col, "
+      "Tensor t_edge, int dim) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -3,12 +3,13 @@ cross-model KV-cache alignment and temporal-encoder alignment."""
 
 from fastcore import ops
 from fastcore._backend import BACKENDS, backends, get_backend, set_backend, use_backend
-from fastcore.graph import Hierarchy, remap_hierarchy_and_graphs_strict
+from fastcore.graph import Graph, Hierarchy, remap_hierarchy_and_graphs_strict
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "Graph",
     "Hierarchy",
     "backends",
     "get_backend",

@@ -27,7 +27,7 @@ import torch
 
 from fastcore.ops import index_csr
 
-__all__ = ["Hierarchy", "HierarchyIndexError", "remap_hierarchy_and_graphs_strict"]
+__all__ = ["Graph", "Hierarchy", "HierarchyIndexError", "remap_hierarchy_and_graphs_strict"]
 
 DEFAULT_LEVEL_NAMES = ("fine", "medium", "coarse")
 
@@ -136,6 +136,15 @@ def _per_level(items: Any, num_levels: int, what: str) -> list[Any]:
     if len(items) != num_levels:
         raise ValueError(f"{what} has {len(items)} entries for {num_levels} levels")
     return list(items)
+
+
+def _check_parent_arrays(items: Any, num_levels: int, what: str) -> None:
+    """``items`` must be a list/tuple of one array per level but the last."""
+    if not isinstance(items, (list, tuple)) or len(items) != num_levels - 1:
+        got = len(items) if isinstance(items, (list, tuple)) else type(items).__name__
+        raise ValueError(
+            f"{what} must hold {num_levels - 1} arrays (one per level but the last), got {got}"
+        )
 
 
 def _check_unique(ids: torch.Tensor, name: str) -> None:
@@ -305,15 +314,7 @@ class Hierarchy:
         feats = _check_num_features(num_features)
         dev = _resolve_device(device, parent_index, river_graphs, causal_graphs, valid_basin_ids)
 
-        if not isinstance(parent_index, (list, tuple)) or len(parent_index) != num_levels - 1:
-            got = (
-                len(parent_index)
-                if isinstance(parent_index, (list, tuple))
-                else type(parent_index).__name__
-            )
-            raise ValueError(
-                f"parent_index must hold {num_levels - 1} arrays (one per level but the last), got {got}"
-            )
+        _check_parent_arrays(parent_index, num_levels, "parent_index")
         parents = []
         for lv in range(num_levels - 1):
             p = _to_index_1d(parent_index[lv], f"parent_index at level '{names[lv]}'", dev)
@@ -705,15 +706,7 @@ def remap_hierarchy_and_graphs_strict(
     for lv, b in enumerate(ids):
         _check_unique(b, names[lv])
     sizes = [int(b.shape[0]) for b in ids]
-    if not isinstance(parent_keys, (list, tuple)) or len(parent_keys) != num_levels - 1:
-        got = (
-            len(parent_keys)
-            if isinstance(parent_keys, (list, tuple))
-            else type(parent_keys).__name__
-        )
-        raise ValueError(
-            f"parent_keys must hold {num_levels - 1} arrays (one per level but the last), got {got}"
-        )
+    _check_parent_arrays(parent_keys, num_levels, "parent_keys")
     keys = []
     for lv, k in enumerate(parent_keys):
         t = _to_index_1d(k, f"parent_keys at level '{names[lv]}'", dev)
@@ -772,3 +765,154 @@ def remap_hierarchy_and_graphs_strict(
         cropped=crops,
         device=dev,
     )
+
+
+# ----------------------------------------------------------------------------- Graph
+
+NORMALIZATIONS = ("none", "mean", "sym")
+
+
+class Graph:
+    """A directed graph over ``num_nodes`` nodes for :func:`fastcore.ops.spmm`, validated
+    once, with the sparse layouts every convolution needs computed once.
+
+    Edge e goes from ``edge_index[0, e]`` (source) to ``edge_index[1, e]`` (destination).
+    Cached, all int64 on the graph's device:
+
+    * ``perm [E]``: the edges sorted stably by destination (CSR entry k is edge ``perm[k]``);
+      ``ptr [N+1]`` and ``col [E]`` (the source of each CSR entry): the forward's CSR;
+    * ``t_ptr [N+1]``, ``t_col [E]`` (the destination of each entry of the edges sorted
+      stably by source) and ``t_edge [E]`` (each such entry's CSR position): the transpose,
+      which the backward runs;
+    * ``in_degree`` / ``out_degree [N]`` and :meth:`normalization` weights.
+
+    Using a Graph never reads index values again, so it never synchronises with a GPU.
+
+    Args:
+        edge_index: int ``[2, E]`` (torch, NumPy or nested lists), values in ``[0, num_nodes)``.
+        num_nodes: N.
+        edge_attr: optional ``[E, ...]`` edge features, kept in edge order.
+        device: where the graph lives; None: edge_index's device (CPU for non-tensors).
+
+    Raises:
+        IndexError: an edge index negative or ``>= num_nodes`` (the value and edge named);
+        ValueError: a bad shape, ``num_nodes`` or ``edge_attr`` length.
+    """
+
+    def __init__(
+        self,
+        edge_index: IndexLike,
+        num_nodes: int,
+        edge_attr: torch.Tensor | None = None,
+        *,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if (
+            isinstance(num_nodes, bool)
+            or not isinstance(num_nodes, (int, np.integer))
+            or num_nodes < 0
+        ):
+            raise ValueError(f"Graph: num_nodes must be an int >= 0, got {num_nodes!r}")
+        dev = _resolve_device(device, edge_index)
+        ei = _to_int64(edge_index, "Graph edge_index", dev)
+        if ei.dim() != 2 or ei.shape[0] != 2:
+            raise ValueError(f"Graph: edge_index must have shape [2, E], got {tuple(ei.shape)}")
+        n = int(num_nodes)
+        if ei.shape[1]:
+            bad = (ei < 0) | (ei >= n)
+            if bool(bad.any()):
+                e = _first_true(bad.any(0))
+                end = 0 if bool(bad[0, e]) else 1
+                v = int(ei[end, e])
+                relation = "< 0" if v < 0 else f">= num_nodes {n}"
+                raise IndexError(
+                    f"Graph: edge index {v} {relation} (edge {e}, {('source', 'target')[end]})"
+                )
+        if edge_attr is not None:
+            if (
+                not isinstance(edge_attr, torch.Tensor)
+                or edge_attr.dim() == 0
+                or edge_attr.shape[0] != ei.shape[1]
+            ):
+                shape = (
+                    tuple(edge_attr.shape)
+                    if isinstance(edge_attr, torch.Tensor)
+                    else type(edge_attr).__name__
+                )
+                raise ValueError(
+                    f"Graph: edge_attr must be a tensor [E={ei.shape[1]}, ...], got {shape}"
+                )
+            edge_attr = edge_attr.to(dev)
+        self.num_nodes = n
+        self.edge_index = ei
+        self.edge_attr = edge_attr
+        src, dst = ei[0], ei[1]
+        self.perm, self.ptr = index_csr(dst, n)
+        self.col = src[self.perm]
+        by_source, self.t_ptr = index_csr(src, n)
+        self.t_col = dst[by_source]
+        csr_position = torch.empty_like(self.perm).scatter_(
+            0, self.perm, torch.arange(self.num_edges, device=dev)
+        )
+        self.t_edge = csr_position[by_source]
+        self.in_degree = self.ptr.diff()
+        self.out_degree = self.t_ptr.diff()
+        self._norms: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.edge_index.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.edge_index.device
+
+    def csr(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ptr, col, t_ptr, t_col, t_edge)``: the structure arguments of ``fastcore::spmm``."""
+        return self.ptr, self.col, self.t_ptr, self.t_col, self.t_edge
+
+    def normalization(self, kind: str = "sym", dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Per-edge weights ``[E]`` in edge order, computed once per (kind, dtype):
+        ``"sym"``: ``1 / sqrt(out_degree[src] * in_degree[dst])``; ``"mean"``:
+        ``1 / in_degree[dst]`` (each destination averages its incoming rows); ``"none"``: 1."""
+        if kind not in NORMALIZATIONS:
+            raise ValueError(
+                f"Graph.normalization: kind must be one of {', '.join(NORMALIZATIONS)}; got {kind!r}"
+            )
+        dtype = dtype or torch.get_default_dtype()
+        key = (kind, dtype)
+        if key not in self._norms:
+            src, dst = self.edge_index
+            deg_in = self.in_degree.to(dtype)
+            if kind == "none":
+                w = torch.ones(self.num_edges, dtype=dtype, device=self.device)
+            elif kind == "mean":
+                w = deg_in[dst].reciprocal()
+            else:
+                w = (self.out_degree.to(dtype)[src] * deg_in[dst]).rsqrt()
+            self._norms[key] = w
+        return self._norms[key]
+
+    def to(self, device: torch.device | str) -> Graph:
+        """A copy with every tensor on ``device`` (no re-validation)."""
+        other = copy.copy(self)
+        for name in (
+            "edge_index",
+            "perm",
+            "ptr",
+            "col",
+            "t_ptr",
+            "t_col",
+            "t_edge",
+            "in_degree",
+            "out_degree",
+        ):
+            setattr(other, name, getattr(self, name).to(device))
+        if self.edge_attr is not None:
+            other.edge_attr = self.edge_attr.to(device)
+        other._norms = {k: v.to(device) for k, v in self._norms.items()}
+        return other
+
+    def __repr__(self) -> str:
+        attr = "" if self.edge_attr is None else f", edge_attr={tuple(self.edge_attr.shape)}"
+        return f"Graph(num_nodes={self.num_nodes}, num_edges={self.num_edges}{attr}, device={self.device})"

@@ -19,15 +19,19 @@ from fastcore.kernels.segment import segment_reduce
 def gather_fwd_kernel(
     src_ptr,
     index_ptr,
+    base_ptr,
     out_ptr,
     rows,
     index_len,
     size,
     inner,
+    HAS_BASE: tl.constexpr,
+    ADD_FP64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """out[o, m, :] = src[o, index[m], :] for the flattened output rows (o, m)."""
+    """out[o, m, :] = src[o, index[m], :] (+ base[o, m, :] with HAS_BASE, added in float32
+    or float64) for the flattened output rows (o, m)."""
     num_tiles = tl.cdiv(rows, BLOCK_R)
     for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         row = tl.cast(tile, tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -41,11 +45,18 @@ def gather_fwd_kernel(
             col = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
             mask = row_mask[:, None] & (col[None, :] < inner)
             values = tl.load(src_ptr + src_row[:, None] + col[None, :], mask=mask)
+            if HAS_BASE:
+                base = tl.load(base_ptr + out_row[:, None] + col[None, :], mask=mask)
+                add_dtype = tl.float64 if ADD_FP64 else tl.float32
+                values = (values.to(add_dtype) + base.to(add_dtype)).to(values.dtype)
             tl.store(out_ptr + out_row[:, None] + col[None, :], values, mask=mask)
 
 
-def gather(src: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """``src.index_select(dim, index)`` for a validated 1-D int32/int64 ``index``."""
+def gather(
+    src: torch.Tensor, index: torch.Tensor, dim: int, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``src.index_select(dim, index)`` (``+ base``, of the output's shape) for a validated
+    1-D int32/int64 ``index``."""
     outer, size, inner = fold(src, dim)
     shape = list(src.shape)
     shape[dim] = index.numel()
@@ -58,11 +69,14 @@ def gather(src: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     gather_fwd_kernel[grid](
         src.contiguous(),
         index.contiguous(),
+        out if base is None else base.contiguous(),
         out,
         rows,
         index.numel(),
         size,
         inner,
+        HAS_BASE=base is not None,
+        ADD_FP64=src.dtype == torch.float64,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
     )

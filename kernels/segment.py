@@ -17,6 +17,24 @@ REDUCE_CODES = {"sum": 0, "mean": 1, "max": 2, "min": 3}
 
 
 @triton.jit
+def _load_member(
+    src_ptr, perm_ptr, start, j, live, base, inner, col, col_mask, HAS_PERM: tl.constexpr
+):
+    """The j-th member of each row's segment: its source row and its [BLOCK_R, BLOCK_C]
+    values (0 where ``live`` is false)."""
+    if HAS_PERM:
+        src_row = tl.load(perm_ptr + start + j, mask=live, other=0)
+    else:
+        src_row = start + j
+    values = tl.load(
+        src_ptr + (base + src_row * inner)[:, None] + col[None, :],
+        mask=live[:, None] & col_mask[None, :],
+        other=0.0,
+    )
+    return src_row, values
+
+
+@triton.jit
 def segment_reduce_fwd_kernel(
     src_ptr,
     perm_ptr,
@@ -60,41 +78,25 @@ def segment_reduce_fwd_kernel(
                 acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_dtype)
                 for j in range(0, max_length):
                     live = row_mask & (j < length)
-                    if HAS_PERM:
-                        src_row = tl.load(perm_ptr + start + j, mask=live, other=0)
-                    else:
-                        src_row = start + j
-                    values = tl.load(
-                        src_ptr + (base + src_row * inner)[:, None] + col[None, :],
-                        mask=live[:, None] & col_mask[None, :],
-                        other=0.0,
+                    _, values = _load_member(
+                        src_ptr, perm_ptr, start, j, live, base, inner, col, col_mask, HAS_PERM
                     )
                     acc += values.to(acc_dtype)
                 if REDUCE == 1:
                     acc = acc / tl.maximum(length, 1).to(acc_dtype)[:, None]
             else:
                 nonempty = row_mask & (length > 0)
-                if HAS_PERM:
-                    first = tl.load(perm_ptr + start, mask=nonempty, other=0)
-                else:
-                    first = start
-                acc = tl.load(
-                    src_ptr + (base + first * inner)[:, None] + col[None, :],
-                    mask=nonempty[:, None] & col_mask[None, :],
-                    other=0.0,
-                ).to(acc_dtype)
+                first, acc = _load_member(
+                    src_ptr, perm_ptr, start, 0, nonempty, base, inner, col, col_mask, HAS_PERM
+                )
+                acc = acc.to(acc_dtype)
                 arg = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int64) + first[:, None]
                 for j in range(1, max_length):
                     live = row_mask & (j < length)
-                    if HAS_PERM:
-                        src_row = tl.load(perm_ptr + start + j, mask=live, other=0)
-                    else:
-                        src_row = start + j
-                    values = tl.load(
-                        src_ptr + (base + src_row * inner)[:, None] + col[None, :],
-                        mask=live[:, None] & col_mask[None, :],
-                        other=0.0,
-                    ).to(acc_dtype)
+                    src_row, values = _load_member(
+                        src_ptr, perm_ptr, start, j, live, base, inner, col, col_mask, HAS_PERM
+                    )
+                    values = values.to(acc_dtype)
                     if REDUCE == 2:
                         better = values > acc
                     else:

@@ -1,15 +1,17 @@
-// CPU kernels for the gather family: gather (index_select) and csr_sum (its
-// deterministic transpose, the segment sum of csrc/cpu/segment.cpp). Rows of the folded
-// view [outer, size, inner] are the unit of work: at::parallel_for splits them across
-// threads.
+// CPU kernels of gather (index_select) and gather_add (gather plus a tensor of the
+// output's shape: unpooling fused with its skip connection). Rows of the folded view
+// [outer, size, inner] are the unit of work: at::parallel_for splits them across threads.
+// Their backward, csr_sum, is registered with the segment reductions (csrc/cpu/segment.cpp).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cstring>
 
 #include "../utils.h"
-#include "segment.h"
+#include "simd.h"
 
 namespace fastcore {
 namespace {
@@ -52,16 +54,75 @@ at::Tensor gather_cpu(const at::Tensor& src, const at::Tensor& index, int64_t di
   return out;
 }
 
-at::Tensor csr_sum_cpu(const at::Tensor& src, const c10::optional<at::Tensor>& perm,
-                       const at::Tensor& ptr, int64_t dim, bool check) {
-  return std::get<0>(segment_reduce_cpu_impl(src, perm, ptr, dim, Reduce::Sum, check, "csr_sum"));
+// out[o, m, :] = base[o, m, :] + src[o, index[m], :]: unpooling fused with a skip
+// connection (one pass over the output instead of a copy and an add).
+template <typename scalar_t, typename index_t>
+FASTCORE_SIMD_CLONES void gather_add_rows(const scalar_t* src, const index_t* index,
+                                          const scalar_t* base, scalar_t* out, int64_t size,
+                                          int64_t rows_out, int64_t inner, int64_t begin,
+                                          int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t o = row / rows_out;
+    const int64_t m = row - o * rows_out;
+    const scalar_t* s = src + (o * size + static_cast<int64_t>(index[m])) * inner;
+    const scalar_t* b = base + row * inner;
+    scalar_t* d = out + row * inner;
+#pragma omp simd
+    for (int64_t j = 0; j < inner; ++j) {
+      d[j] = static_cast<scalar_t>(static_cast<acc_t>(b[j]) + static_cast<acc_t>(s[j]));
+    }
+  }
+}
+
+at::Tensor gather_add_cpu(const at::Tensor& src, const at::Tensor& index, const at::Tensor& base,
+                          int64_t dim, bool check) {
+  check_index_tensor(index, "gather_add", "index");
+  TORCH_CHECK_VALUE(index.device().is_cpu() && base.device().is_cpu(),
+                    "gather_add: index and base must be on the CPU like src, got ",
+                    index.device(), " and ", base.device());
+  const auto dtype = src.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                       dtype == at::kBFloat16,
+                   "gather_add: src must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK_TYPE(base.scalar_type() == dtype, "gather_add: base dtype ", base.scalar_type(),
+                   " must equal src's dtype ", dtype);
+  const Fold f = fold_at(src, dim);
+  const int64_t rows_out = index.numel();
+  const auto shape = shape_with(src, dim, rows_out);
+  TORCH_CHECK_VALUE(base.sizes() == at::IntArrayRef(shape), "gather_add: base shape ",
+                    base.sizes(), " must be ", at::IntArrayRef(shape));
+  if (check) check_index_range(index, f.size, "gather_add", "index", dim);
+
+  auto out = at::empty(shape, src.options());
+  if (out.numel() == 0) return out;
+  const auto src_c = src.contiguous();
+  const auto base_c = base.contiguous();
+  const auto index_c = index.contiguous();
+  const int64_t total = f.outer * rows_out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gather_add_cpu", [&] {
+    const scalar_t* s = src_c.const_data_ptr<scalar_t>();
+    const scalar_t* b = base_c.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t grain = row_grain(total, f.inner * static_cast<int64_t>(sizeof(scalar_t)));
+    at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+      if (index_c.scalar_type() == at::kLong) {
+        gather_add_rows(s, index_c.const_data_ptr<int64_t>(), b, o, f.size, rows_out, f.inner,
+                        begin, end);
+      } else {
+        gather_add_rows(s, index_c.const_data_ptr<int32_t>(), b, o, f.size, rows_out, f.inner,
+                        begin, end);
+      }
+    });
+  });
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastcore, CPU, m) {
   m.impl("gather", &gather_cpu);
-  m.impl("csr_sum", &csr_sum_cpu);
+  m.impl("gather_add", &gather_add_cpu);
 }
 
 }  // namespace fastcore

@@ -1,6 +1,6 @@
 // CPU kernels for segment reductions: segment_reduce (sum / mean / max / min over CSR
-// segments along a dim), its max/min backward segment_arg_scatter, and the sum that
-// csr_sum (gather's backward) runs. The tensor is viewed as [outer, size, inner]: the
+// segments along a dim), its max/min backward segment_arg_scatter, and csr_sum (gather's
+// backward, the segment sum). The tensor is viewed as [outer, size, inner]: the
 // inner (feature) dimension is contiguous and vectorised by the compiler, and
 // at::parallel_for splits output rows or whole slabs across threads.
 //
@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../utils.h"
+#include "simd.h"
 
 namespace fastcore {
 
@@ -66,15 +67,6 @@ inline void store_arg(int64_t* __restrict__ dst, const pos_t* __restrict__ pos, 
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<int64_t>(pos[j]);
 }
-
-// The hot loops below are compiled twice on x86-64, for AVX2 and for the baseline ISA,
-// and the loader picks one for the CPU at hand (GCC/Clang function multiversioning):
-// twice the vector width without building the whole extension for one CPU.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FASTCORE_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FASTCORE_SIMD_CLONES
-#endif
 
 // Fold source rows `rows[i]` (row index m = rows ? rows[i] : first + i, i < count) into
 // accumulator row segment[i] (or 0): the sum inner loop of both loop orders.
@@ -335,8 +327,19 @@ std::tuple<at::Tensor, at::Tensor> segment_reduce_cpu_impl(const at::Tensor& src
   return {out, arg};
 }
 
+namespace {
+
+// gather's backward: the segment sum.
+at::Tensor csr_sum_cpu(const at::Tensor& src, const std::optional<at::Tensor>& perm,
+                       const at::Tensor& ptr, int64_t dim, bool check) {
+  return std::get<0>(segment_reduce_cpu_impl(src, perm, ptr, dim, Reduce::Sum, check, "csr_sum"));
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(fastcore, CPU, m) {
   m.impl("segment_reduce", &segment_reduce_cpu);
+  m.impl("csr_sum", &csr_sum_cpu);
   m.impl("segment_arg_scatter", &segment_arg_scatter_cpu);
 }
 

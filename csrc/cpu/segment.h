@@ -1,4 +1,5 @@
-// The CPU segment reduction shared by segment_reduce and csr_sum (csrc/cpu/segment.cpp).
+// Segment reductions on the host side: the reduce names shared by the CPU and CUDA glue,
+// and the CPU implementation behind segment_reduce and csr_sum (csrc/cpu/segment.cpp).
 #pragma once
 
 #include <ATen/ATen.h>

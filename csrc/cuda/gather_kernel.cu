@@ -10,27 +10,13 @@
 
 #include <cstdint>
 
+#include "row_launch.cuh"
+
 namespace {
 
-constexpr int kThreads = 256;          // threads per block
-constexpr int64_t kMaxBlocks = 65536;  // grid cap; the grid-stride loops cover the rest
-
-struct RowLaunch {
-  dim3 grid;
-  dim3 block;
-};
-
-// blockDim.x: the smallest power of two >= width (vectors per row), at most
-// kThreads; the rest of the block's threads take further rows (blockDim.y).
-// Requires rows > 0 and width > 0.
-RowLaunch row_launch(int64_t rows, int64_t width) {
-  unsigned tx = 1;
-  while (tx < width && tx < kThreads) tx *= 2;
-  const unsigned ty = kThreads / tx;
-  const int64_t needed = (rows + ty - 1) / ty;
-  const int64_t blocks = needed < kMaxBlocks ? needed : kMaxBlocks;
-  return {dim3(static_cast<unsigned>(blocks)), dim3(tx, ty)};
-}
+using fastcore_cuda::kThreads;
+using fastcore_cuda::RowLaunch;
+using fastcore_cuda::row_launch;
 
 // ---------------------------------------------------------------------------
 // gather: out[o, m, :] = src[o, index[m], :], copied as `width` vec_t per row.

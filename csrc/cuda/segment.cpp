@@ -1,5 +1,5 @@
-// CUDA registrations for the segment reductions: segment_reduce and its max/min backward
-// segment_arg_scatter. Checks, layout and dispatch on the host; the kernels themselves
+// CUDA registrations for the segment reductions: segment_reduce, its max/min backward
+// segment_arg_scatter, and csr_sum (gather's backward, the segment sum). Checks, layout and dispatch on the host; the kernels themselves
 // live in segment_kernel.cu (torch-free, behind the extern "C" launchers of
 // segment_launch.h). Mirrors csrc/cpu/segment.cpp, with the same validation.
 #include <ATen/ATen.h>
@@ -50,12 +50,10 @@ int reduce_code(Reduce r) {
   return FASTCORE_SEGMENT_SUM;
 }
 
-std::tuple<at::Tensor, at::Tensor> segment_reduce_cuda(const at::Tensor& src,
-                                                       const std::optional<at::Tensor>& perm,
-                                                       const at::Tensor& ptr, int64_t dim,
-                                                       c10::string_view reduce, bool check) {
-  constexpr const char* op = "segment_reduce";
-  const Reduce r = parse_reduce(std::string_view(reduce.data(), reduce.size()), op);
+std::tuple<at::Tensor, at::Tensor> segment_reduce_cuda_impl(const at::Tensor& src,
+                                                            const std::optional<at::Tensor>& perm,
+                                                            const at::Tensor& ptr, int64_t dim,
+                                                            Reduce r, bool check, const char* op) {
   check_index_tensor(ptr, op, "ptr");
   check_same_cuda_device(src, ptr, op, "ptr", "src");
   if (perm.has_value()) {
@@ -93,6 +91,20 @@ std::tuple<at::Tensor, at::Tensor> segment_reduce_cuda(const at::Tensor& src,
   return {out, arg};
 }
 
+std::tuple<at::Tensor, at::Tensor> segment_reduce_cuda(const at::Tensor& src,
+                                                       const std::optional<at::Tensor>& perm,
+                                                       const at::Tensor& ptr, int64_t dim,
+                                                       c10::string_view reduce, bool check) {
+  const Reduce r = parse_reduce(std::string_view(reduce.data(), reduce.size()), "segment_reduce");
+  return segment_reduce_cuda_impl(src, perm, ptr, dim, r, check, "segment_reduce");
+}
+
+// gather's backward: the segment sum.
+at::Tensor csr_sum_cuda(const at::Tensor& src, const std::optional<at::Tensor>& perm,
+                        const at::Tensor& ptr, int64_t dim, bool check) {
+  return std::get<0>(segment_reduce_cuda_impl(src, perm, ptr, dim, Reduce::Sum, check, "csr_sum"));
+}
+
 at::Tensor segment_arg_scatter_cuda(const at::Tensor& grad, const at::Tensor& arg, int64_t dim,
                                     int64_t size) {
   constexpr const char* op = "segment_arg_scatter";
@@ -127,6 +139,7 @@ at::Tensor segment_arg_scatter_cuda(const at::Tensor& grad, const at::Tensor& ar
 
 TORCH_LIBRARY_IMPL(fastcore, CUDA, m) {
   m.impl("segment_reduce", &segment_reduce_cuda);
+  m.impl("csr_sum", &csr_sum_cuda);
   m.impl("segment_arg_scatter", &segment_arg_scatter_cuda);
 }
 

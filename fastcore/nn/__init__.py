@@ -1,5 +1,6 @@
 """fastcore's layers (``torch.nn.Module``s over fastcore ops)."""
 
 from fastcore.nn.pooling import GraphPooling, GraphUnpooling
+from fastcore.nn.spatiotemporal import EdgeGate, GraphGRUCell, SpatioTemporalBlock
 
-__all__ = ["GraphPooling", "GraphUnpooling"]
+__all__ = ["EdgeGate", "GraphGRUCell", "GraphPooling", "GraphUnpooling", "SpatioTemporalBlock"]

@@ -2,7 +2,8 @@
 
 Pooling reduces the children of every parent (``fastcore.ops.segment_csr`` over the
 level's cached CSR); unpooling copies each parent's row to its children
-(``fastcore.ops.gather``), and its gradient is the deterministic segment sum. The
+(``fastcore.ops.gather``, or ``gather_add`` fused with a skip connection), and its
+gradient is the deterministic segment sum. The
 hierarchy was validated when it was built, so neither direction reads index values or
 synchronises with the device.
 """
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from fastcore.graph import Hierarchy
-from fastcore.ops import gather, segment_csr
+from fastcore.ops import gather, gather_add, segment_csr
 from fastcore.ops.segment import REDUCES
 
 
@@ -105,14 +106,16 @@ class GraphUnpooling(nn.Module):
             )
         dim = _node_dim(x, self.dim)
         _check_nodes(x, dim, hierarchy.num_nodes[lvl + 1], hierarchy, lvl + 1, "GraphUnpooling")
-        out = gather(x, hierarchy.parent_index(lvl), dim, check=False)
+        parents = hierarchy.parent_index(lvl)
         if skip is None:
-            return out
-        if skip.shape != out.shape:
+            return gather(x, parents, dim, check=False)
+        expected = list(x.shape)
+        expected[dim] = parents.shape[0]
+        if list(skip.shape) != expected:
             raise ValueError(
-                f"GraphUnpooling: skip has shape {tuple(skip.shape)}, expected {tuple(out.shape)}"
+                f"GraphUnpooling: skip has shape {tuple(skip.shape)}, expected {tuple(expected)}"
             )
-        return out + skip
+        return gather_add(x, parents, skip, dim, check=False)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"

@@ -33,6 +33,8 @@ from fastcore.ops._checks import (
 from fastcore.ops._csr import index_csr, segment_of
 
 _backend.register_op("gather", ("reference", "cpu", "triton", "cuda"), gpu_order=("cuda", "triton"))
+# No CUDA C++ kernel yet: CUDA tensors run the Triton one.
+_backend.register_op("gather_add", ("reference", "cpu", "triton"), gpu_order=("triton",))
 
 GATHER_DTYPES = (*FLOAT_DTYPES, *INDEX_DTYPES)
 
@@ -44,6 +46,17 @@ def _gather_triton(src: torch.Tensor, index: torch.Tensor, dim: int, check: bool
     from fastcore.kernels import gather as kernels
 
     return kernels.gather(src, index, dim)
+
+
+@torch.library.custom_op("fastcore::gather_add_triton", mutates_args=())
+def _gather_add_triton(
+    src: torch.Tensor, index: torch.Tensor, base: torch.Tensor, dim: int, check: bool
+) -> torch.Tensor:
+    if check:
+        check_index_range(index, src.shape[dim], "gather_add", "index", dim)
+    from fastcore.kernels import gather as kernels
+
+    return kernels.gather(src, index, dim, base)
 
 
 @torch.library.custom_op("fastcore::csr_sum_triton", mutates_args=())
@@ -63,17 +76,23 @@ def _gather_fake(src, index, dim, check):
     return src.new_empty(shape)
 
 
+def _gather_add_fake(src, index, base, dim, check):
+    return _gather_fake(src, index, dim, check)
+
+
 def _csr_sum_fake(src, perm, ptr, dim, check):
     shape = list(src.shape)
     shape[dim] = ptr.shape[0] - 1
     return src.new_empty(shape)
 
 
-def _register_family(gather_name: str, csr_sum_name: str) -> None:
-    """Fake kernels and autograd for one backend's (gather, csr_sum) operator pair."""
-    gather_op = torch.ops.fastcore.__getattr__(gather_name).default
-    csr_sum_op = torch.ops.fastcore.__getattr__(csr_sum_name).default
+def _register_family(gather_name: str, gather_add_name: str, csr_sum_name: str) -> None:
+    """Fake kernels and autograd for one backend's gather, gather_add and csr_sum."""
+    gather_op = getattr(torch.ops.fastcore, gather_name).default
+    gather_add_op = getattr(torch.ops.fastcore, gather_add_name).default
+    csr_sum_op = getattr(torch.ops.fastcore, csr_sum_name).default
     torch.library.register_fake(gather_op)(_gather_fake)
+    torch.library.register_fake(gather_add_op)(_gather_add_fake)
     torch.library.register_fake(csr_sum_op)(_csr_sum_fake)
 
     def gather_setup(ctx, inputs, output):
@@ -86,6 +105,16 @@ def _register_family(gather_name: str, csr_sum_name: str) -> None:
         perm, ptr = index_csr(index, ctx.size)
         return csr_sum_op(grad, perm, ptr, ctx.dim, False), None, None, None
 
+    def gather_add_setup(ctx, inputs, output):
+        src, index, _, dim, _ = inputs
+        ctx.save_for_backward(index)
+        ctx.dim, ctx.size = dim, src.shape[dim]
+
+    def gather_add_backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        perm, ptr = index_csr(index, ctx.size)
+        return csr_sum_op(grad, perm, ptr, ctx.dim, False), None, grad, None, None
+
     def csr_sum_setup(ctx, inputs, output):
         src, perm, ptr, dim, _ = inputs
         ctx.save_for_backward(perm, ptr)
@@ -97,12 +126,15 @@ def _register_family(gather_name: str, csr_sum_name: str) -> None:
         return gather_op(grad, rows, ctx.dim, False), None, None, None, None
 
     torch.library.register_autograd(gather_op, gather_backward, setup_context=gather_setup)
+    torch.library.register_autograd(
+        gather_add_op, gather_add_backward, setup_context=gather_add_setup
+    )
     torch.library.register_autograd(csr_sum_op, csr_sum_backward, setup_context=csr_sum_setup)
 
 
-_register_family("gather_triton", "csr_sum_triton")
+_register_family("gather_triton", "gather_add_triton", "csr_sum_triton")
 if _backend._C is not None:
-    _register_family("gather", "csr_sum")
+    _register_family("gather", "gather_add", "csr_sum")
 
 
 def gather(
@@ -137,3 +169,51 @@ def gather(
         return reference.gather(src, index, dim)
     op = torch.ops.fastcore.gather_triton if backend == "triton" else torch.ops.fastcore.gather
     return op(src, index, dim, check)
+
+
+def gather_add(
+    src: torch.Tensor,
+    index: torch.Tensor,
+    base: torch.Tensor,
+    dim: int = -2,
+    *,
+    check: bool = True,
+) -> torch.Tensor:
+    """``base + src.index_select(dim, index)`` in one pass: unpooling fused with its skip
+    connection (half the memory traffic of a gather followed by an add).
+
+    Args:
+        src: ``[*lead, N, *trail]``; float16/bfloat16/float32/float64.
+        index: int32/int64 ``[M]``, values in ``[0, N)``.
+        base: ``[*lead, M, *trail]``, src's dtype and device.
+        dim: the indexed dimension.
+        check: validate the index values first (a device sync on a GPU).
+
+    Returns:
+        ``[*lead, M, *trail]``. Gradients: ``base`` gets the output gradient, ``src`` its
+        deterministic scatter-sum (as for :func:`gather`).
+    """
+    check_dtype(src, FLOAT_DTYPES, "gather_add")
+    dim = normalize_dim(dim, src.dim(), "gather_add")
+    check_index_tensor(index, src, "gather_add", "index")
+    expected = list(src.shape)
+    expected[dim] = index.shape[0]
+    if not isinstance(base, torch.Tensor) or list(base.shape) != expected:
+        shape = tuple(base.shape) if isinstance(base, torch.Tensor) else type(base).__name__
+        raise ValueError(f"gather_add: base has shape {shape}, expected {tuple(expected)}")
+    if base.dtype != src.dtype or base.device != src.device:
+        raise TypeError(
+            f"gather_add: base ({base.dtype} on {base.device}) must match src "
+            f"({src.dtype} on {src.device})"
+        )
+    backend = _backend.resolve("gather_add", src.device)
+    if backend == "reference":
+        if check and not torch.compiler.is_compiling():
+            check_index_range(index, src.shape[dim], "gather_add", "index", dim)
+        return base + reference.gather(src, index, dim)
+    op = (
+        torch.ops.fastcore.gather_add_triton
+        if backend == "triton"
+        else torch.ops.fastcore.gather_add
+    )
+    return op(src, index, base, dim, check)

@@ -6,5 +6,17 @@ as the ``reference`` backend.
 
 from fastcore.reference.gather import csr_sum, gather
 from fastcore.reference.segment import scatter, scatter_arg, segment, segment_reduce
+from fastcore.reference.spatiotemporal import spatiotemporal_block
+from fastcore.reference.spmm import spmm, spmm_csr
 
-__all__ = ["csr_sum", "gather", "scatter", "scatter_arg", "segment", "segment_reduce"]
+__all__ = [
+    "csr_sum",
+    "gather",
+    "scatter",
+    "scatter_arg",
+    "segment",
+    "segment_reduce",
+    "spatiotemporal_block",
+    "spmm",
+    "spmm_csr",
+]

@@ -273,3 +273,64 @@ def test_int64_addressing():
     assert torch.equal(grad[rows - 1], (src[rows - 1].float() * 2).half())
     assert torch.equal(grad[rows - 2], src[rows - 2]) and torch.equal(grad[0], src[0])
     assert not grad[1 : rows - 2].any()
+
+
+@pytest.mark.parametrize(
+    "case", ["basins", "btnfh", "dim0", "last_dim", "one_value", "empty_index"]
+)
+@pytest.mark.parametrize(("device", "backend", "dtype"), backend_dtype_params("gather_add", FLOATS))
+def test_gather_add_matches_reference(device, backend, dtype, case):
+    shape, dim, length, kind = CASES[case]
+    src = randn(shape, dtype, device, seed=30).requires_grad_()
+    index = make_index(shape[dim], length, kind, torch.int64, device, seed=31)
+    out_shape = list(shape)
+    out_shape[dim] = length
+    base = randn(out_shape, dtype, device, seed=32).requires_grad_()
+    with use_backend(backend):
+        out = ops.gather_add(src, index, base, dim)
+    expected = base.detach().double() + src.detach().double().index_select(dim, index)
+    assert_close(out, expected, dtype, f"gather_add {backend} {case}")
+    if out.numel():
+        upstream = randn(out.shape, dtype, device, seed=33)
+        grad_src, grad_base = torch.autograd.grad(out, (src, base), upstream)
+        assert torch.equal(grad_base, upstream)
+        src64 = src.detach().double().requires_grad_()
+        (ref,) = torch.autograd.grad(src64.index_select(dim, index), src64, upstream.double())
+        assert_close(grad_src, ref, dtype, f"gather_add grad {backend} {case}")
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params("gather_add"))
+def test_gather_add_checks_and_compiles(device, backend):
+    torch._dynamo.reset()
+    src = randn((2, 7, 3), torch.float64, device, seed=34).requires_grad_()
+    index = torch.tensor([6, 0, 6, 2], device=device)
+    base = randn((2, 4, 3), torch.float64, device, seed=35).requires_grad_()
+    compiler = "aot_eager" if backend == "triton" and device == "cpu" else "inductor"
+    with use_backend(backend):
+        fn = lambda s, b: ops.gather_add(s, index, b, 1)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (src, base))
+        assert torch.autograd.gradgradcheck(fn, (src, base))
+        compiled = torch.compile(
+            lambda s, b: fn(s, b).sin().sum(), fullgraph=True, backend=compiler
+        )
+        assert_close(compiled(src, base), fn(src, base).sin().sum(), torch.float64, "compiled")
+        with pytest.raises(IndexError, match="value 7 is out of range for dimension 1 of size 7"):
+            ops.gather_add(src, torch.tensor([7, 0, 1, 2], device=device), base, 1)
+        with pytest.raises(ValueError, match=r"base has shape \(2, 3, 3\), expected \(2, 4, 3\)"):
+            ops.gather_add(src, index, base[:, :3], 1)
+        with pytest.raises(TypeError, match=r"base \(torch\.float32 on \w+\) must match src"):
+            ops.gather_add(src, index, base.float(), 1)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_gather_add_opcheck(device):
+    src = randn((3, 7, 4), torch.float32, device, seed=36).requires_grad_()
+    base = randn((3, 4, 4), torch.float32, device, seed=37).requires_grad_()
+    index = torch.tensor([6, 0, 3, 3], device=device)
+    ops_here = [torch.ops.fastcore.gather_add_triton] if fastcore._backend.HAS_TRITON else []
+    if device == "cpu" and fastcore._backend._C is not None:
+        ops_here.append(torch.ops.fastcore.gather_add)
+    assert ops_here, "no compiled or Triton backend to check"
+    for op in ops_here:
+        torch.library.opcheck(op, (src, index, base, 1, True))
+        torch.library.opcheck(op, (src, index.int(), base, 1, False))
