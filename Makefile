@@ -21,7 +21,7 @@ BENCH_ENV   ?= MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736
 PY       := $(VENV)/bin/python
 DEPS     := $(VENV)/.deps-installed
 BUILT    := $(VENV)/.fastcore-built
-SOURCES  := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+SOURCES  := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
 .PHONY: test bench lint clean
 

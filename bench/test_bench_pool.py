@@ -268,3 +268,35 @@ def test_unpool_forward_backward(run, shape, dtype, provider):
         bytes=moved,
         baseline=provider == "torch.index_select",
     )
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "provider"),
+    [
+        pytest.param(s, t, p, id=f"{label(s, t)}-{p}")
+        for s in shapes()
+        for t in DTYPES
+        for p in fastcore_providers()
+    ],
+)
+def test_unpool_skip_unfused(run, shape, dtype, provider):
+    """The same backend's gather followed by an add: what the fused gather_add saves."""
+    x, index, parents = make(shape, dtype)
+    parent_x = x[:, :parents].contiguous()
+    bt, n, hf = shape
+    backend = provider.removeprefix("fastcore.")
+
+    def unfused():
+        with fastcore.use_backend(backend):
+            return ops.gather(parent_x, index, -2, check=False) + x
+
+    run(
+        unfused,
+        DEVICE,
+        op="unpool+skip",
+        direction="fwd",
+        provider=f"{provider} (gather, then add)",
+        shape=label(shape, dtype),
+        bytes=bt * (parents + 2 * n) * hf * x.element_size() + index.nbytes,
+        baseline=False,
+    )

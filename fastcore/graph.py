@@ -236,6 +236,26 @@ def _check_edges(
     return ei, attr.to(device)
 
 
+def _check_level_graphs(
+    river_graphs: Any,
+    causal_graphs: Any,
+    names: Sequence[str],
+    sizes: Sequence[int],
+    num_features: int,
+    device: torch.device,
+) -> dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]]:
+    """Every level's river and causal graph, validated: ``{"river": [...], "causal": [...]}``."""
+    graphs: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
+    for kind, given in (("river", river_graphs), ("causal", causal_graphs)):
+        graphs[kind] = []
+        for lv, g in enumerate(_per_level(given, len(names), f"{kind}_graphs")):
+            ei, attr = _split_graph(g, kind, names[lv])
+            graphs[kind].append(
+                _check_edges(ei, attr, kind, names[lv], sizes[lv], num_features, device)
+            )
+    return graphs
+
+
 # ----------------------------------------------------------------------------- Hierarchy
 
 
@@ -349,12 +369,7 @@ class Hierarchy:
                 _check_unique(b, names[lv])
             ids.append(b)
 
-        graphs: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
-        for kind, given in (("river", river_graphs), ("causal", causal_graphs)):
-            graphs[kind] = []
-            for lv, g in enumerate(_per_level(given, num_levels, f"{kind}_graphs")):
-                ei, attr = _split_graph(g, kind, names[lv])
-                graphs[kind].append(_check_edges(ei, attr, kind, names[lv], sizes[lv], feats, dev))
+        graphs = _check_level_graphs(river_graphs, causal_graphs, names, sizes, feats, dev)
 
         crops = []
         for lv, c in enumerate(_per_level(cropped, num_levels, "cropped")):
@@ -379,6 +394,13 @@ class Hierarchy:
         self.cropped = tuple(crops)
         self._parent_index = tuple(parents)
         self._pool_csr = tuple(index_csr(p, sizes[lv + 1]) for lv, p in enumerate(parents))
+        self._graphs = tuple(
+            (
+                Graph(self.river_edge_index[lv], n, self.river_edge_attr[lv]),
+                Graph(self.causal_edge_index[lv], n * feats, self.causal_edge_attr[lv]),
+            )
+            for lv, n in enumerate(sizes)
+        )
         self._stats = self._compute_stats()
 
     # ------------------------------------------------------------------ construction
@@ -489,6 +511,7 @@ class Hierarchy:
         out.causal_edge_attr = move(self.causal_edge_attr)
         out._parent_index = move(self._parent_index)
         out._pool_csr = tuple(move(csr) for csr in self._pool_csr)
+        out._graphs = tuple((river.to(dev), causal.to(dev)) for river, causal in self._graphs)
         out.cropped = tuple(dict(c) for c in self.cropped)
         return out
 
@@ -543,6 +566,12 @@ class Hierarchy:
         """``(edge_index int64 [2, C], edge_attr [C, ...] or None)``; ids node * F + feature."""
         lv = self.level(level)
         return self.causal_edge_index[lv], self.causal_edge_attr[lv]
+
+    def graphs(self, level: int | str) -> tuple[Graph, Graph]:
+        """``(river, causal)``: the level's graphs as :class:`Graph` objects (built once),
+        ready for :func:`fastcore.ops.spmm` and :class:`fastcore.nn.SpatioTemporalBlock`;
+        the causal one is over the ``N * F`` (node, feature) ids."""
+        return self._graphs[self.level(level)]
 
     # ------------------------------------------------------------------ reporting
 
@@ -717,12 +746,7 @@ def remap_hierarchy_and_graphs_strict(
             )
         keys.append(t)
 
-    graphs: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
-    for kind, given in (("river", river_graphs), ("causal", causal_graphs)):
-        graphs[kind] = []
-        for lv, g in enumerate(_per_level(given, num_levels, f"{kind}_graphs")):
-            ei, attr = _split_graph(g, kind, names[lv])
-            graphs[kind].append(_check_edges(ei, attr, kind, names[lv], sizes[lv], feats, dev))
+    graphs = _check_level_graphs(river_graphs, causal_graphs, names, sizes, feats, dev)
 
     positions = [
         _parent_positions(keys[lv], ids[lv + 1], names[lv], names[lv + 1], ids[lv])

@@ -135,3 +135,31 @@ def test_graph_gru_cell(device, backend):
         cell(x[..., :4], h, graph)
     with pytest.raises(ValueError, match=r"h has shape \(3, 4, 12, 5\), expected \(3, 4, 12, 6\)"):
         cell(x, h[..., :5], graph)
+
+
+def test_block_on_a_hierarchy_level():
+    """The Hierarchy hands out its levels' graphs as Graphs (built once): the block runs on
+    the medium level after pooling, with the remapped river and causal graphs."""
+    from fastcore import remap_hierarchy_and_graphs_strict
+    from fastcore.nn import GraphPooling
+
+    features = 3
+    medium_river = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 0]])  # touches unused basin 3
+    medium_causal = torch.tensor([[0, 4, 7, 9], [5, 1, 2, 10]])  # node * 3 + feature
+    h = remap_hierarchy_and_graphs_strict(
+        [torch.arange(12), torch.tensor([50, 60, 70, 80])],
+        [torch.tensor([50, 60, 70])[torch.arange(12) % 3]],
+        river_graphs=[None, (medium_river, torch.rand(4, 2))],
+        causal_graphs=[None, medium_causal],
+        num_features=features,
+        level_names=("fine", "medium"),
+    )
+    river, causal = h.graphs("medium")
+    assert river.num_nodes == 3 and causal.num_nodes == 9
+    assert river.edge_index.tolist() == [[0, 1], [1, 2]]  # edges to basin 80 cropped
+    assert causal.edge_index.tolist() == [[0, 4, 7], [5, 1, 2]]
+    x = randn((2, 4, 12, features, 5), torch.float64, "cpu", seed=20)
+    medium = GraphPooling("mean")(x, h, "fine")
+    block = make_block(features, 5, seed=21, river_edge_dim=2).double()
+    out = block(medium, river, causal)
+    assert_close(out, reference.spatiotemporal_block(block, medium, river, causal), torch.float64)

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 
+#include "numeric.cuh"
 #include "row_launch.cuh"
 
 #include "segment_launch.h"
@@ -25,32 +26,8 @@ using fastcore_cuda::kThreads;
 using fastcore_cuda::RowLaunch;
 using fastcore_cuda::row_launch;
 
-// Accumulator type and explicit conversions (torch builds with
-// __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__).
-template <typename T>
-struct Acc {
-  using type = T;
-  static __device__ __forceinline__ T load(T x) { return x; }
-  static __device__ __forceinline__ T store(T x) { return x; }
-};
-template <>
-struct Acc<__half> {
-  using type = float;
-  static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
-};
-template <>
-struct Acc<__nv_bfloat16> {
-  using type = float;
-  static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
-};
-
-// VEC consecutive elements moved as one aligned access.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
+using fastcore_cuda::Acc;
+using fastcore_cuda::Pack;
 
 // ---------------------------------------------------------------------------
 // segment_reduce: out[o, r, :] = reduce_{k in [ptr[r], ptr[r+1])} src[o, perm ? perm[k] : k, :]

@@ -25,6 +25,7 @@
 
 #include <cstdint>
 
+#include "numeric.cuh"
 #include "row_launch.cuh"
 
 #include "spmm_launch.h"
@@ -38,42 +39,9 @@ using fastcore_cuda::row_launch;
 
 constexpr int kWarp = 32;
 
-// Accumulator type and explicit conversions (torch builds with
-// __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__).
-template <typename T>
-struct Acc {
-  using type = T;
-  static __device__ __forceinline__ T load(T x) { return x; }
-  static __device__ __forceinline__ T store(T x) { return x; }
-  static __device__ __forceinline__ T from_double(double x) { return static_cast<T>(x); }
-};
-template <>
-struct Acc<__half> {
-  using type = float;
-  static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
-  static __device__ __forceinline__ __half from_double(double x) { return __double2half(x); }
-};
-template <>
-struct Acc<__nv_bfloat16> {
-  using type = float;
-  static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from_double(double x) {
-    return __double2bfloat16(x);
-  }
-};
-
-template <typename T>
-__device__ __forceinline__ double to_double(T x) {
-  return static_cast<double>(Acc<T>::load(x));
-}
-
-// VEC consecutive elements moved as one aligned access.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
+using fastcore_cuda::Acc;
+using fastcore_cuda::Pack;
+using fastcore_cuda::to_double;
 
 // ---------------------------------------------------------------------------
 // spmm: out[o, v, :] = sum_{k in [ptr[v], ptr[v+1])} weight[k] * x[o, col[k], :]

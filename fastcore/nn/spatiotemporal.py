@@ -109,12 +109,12 @@ class SpatioTemporalBlock(nn.Module):
 
     def temporal(self, x: torch.Tensor) -> torch.Tensor:
         """Causal depthwise conv over T: ``y[:, t] = b + sum_k w[k] * x[:, t - k]`` (zeros
-        before t = 0), as kernel_size shifted multiply-adds on the native layout."""
+        before t = 0), as kernel_size shifted multiply-adds on the native layout, in place
+        on one output buffer (no padded copies of x)."""
         steps = x.shape[1]
-        y = x * self.temporal_weight[0] + self.temporal_bias
+        y = torch.addcmul(self.temporal_bias, x, self.temporal_weight[0])
         for k in range(1, min(self.kernel_size, steps)):
-            shifted = F.pad(x[:, : steps - k], (0, 0, 0, 0, 0, 0, k, 0))
-            y = y + shifted * self.temporal_weight[k]
+            y[:, k:].addcmul_(x[:, : steps - k], self.temporal_weight[k])
         return y
 
     def forward(self, x: torch.Tensor, river: Graph, causal: Graph) -> torch.Tensor:

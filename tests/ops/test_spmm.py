@@ -240,3 +240,28 @@ def test_operators_validate_before_running(device):
             spmm_op(x, None, ptr.clone().fill_(0), col, t_ptr, t_col, t_edge, 1, True)
         with pytest.raises(ValueError, match="perm must be a permutation"):
             spmm_op(x, None, ptr, col, t_ptr, t_col, t_edge.clamp(max=3), 1, True)
+
+
+@pytest.mark.slow
+def test_int64_addressing():
+    """More than 2**31 elements: row offsets past 2**31 must not wrap (CPU kernels)."""
+    torch.use_deterministic_algorithms(False)  # no NaN fill of 4 GiB
+    rows, width = 2**20 + 3, 2048  # 2**31 + 6144 float16 elements, 4 GiB
+    x = torch.zeros(rows, width, dtype=torch.float16)
+    x[-2:] = randn((2, width), torch.float16, "cpu", seed=40)
+    edge_index = torch.tensor([[rows - 1, rows - 2, rows - 1], [0, rows - 1, rows - 1]])
+    graph = Graph(edge_index, rows)
+    weight = torch.tensor([2.0, 1.0, -1.0], dtype=torch.float16)
+    with use_backend("cpu"):
+        out = ops.spmm(x, graph, weight, 0)
+        expected_last = (x[rows - 2].float() - x[rows - 1].float()).half()
+        assert torch.equal(out[0], (2 * x[rows - 1].float()).half())
+        assert torch.equal(out[rows - 1], expected_last)
+        grad_w = torch.ops.fastcore.spmm_edge_grad(out, x, *graph.csr(), 0)
+    # CSR order: edge 0 (into row 0), then edges 1 and 2 (into row rows-1).
+    expected = [
+        (out[0].double() * x[rows - 1].double()).sum(),
+        (out[rows - 1].double() * x[rows - 2].double()).sum(),
+        (out[rows - 1].double() * x[rows - 1].double()).sum(),
+    ]
+    assert_close(grad_w, torch.stack(expected), torch.float16, "edge grad past 2**31")
