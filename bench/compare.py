@@ -13,7 +13,8 @@ measured in the same run:
 * ``time ratio`` = provider median / best baseline median (below 1 is faster),
 * ``speedup`` = best baseline median / provider median,
 * ``GB/s`` = the bytes the operation must move / median, and ``of copy`` = that bandwidth
-  as a fraction of the machine's copy bandwidth measured in the same run.
+  as a fraction of the machine's copy bandwidth measured in the same run,
+* ``peak MB`` = the peak extra memory of one call, where the benchmark records it.
 
 Writes ``<out>/<device>-<date>.md`` (the table) and ``<out>/<device>-<date>.json`` (machine
 info, copy bandwidth, the table's rows and the raw run), and prints the table.
@@ -101,6 +102,7 @@ def build_rows(run: dict) -> tuple[float | None, list[dict]]:
                     "speedup": base_median / median if base_median else None,
                     "gb_per_s": bandwidth / 1e9,
                     "copy_fraction": bandwidth / copy_bw if copy_bw else None,
+                    "peak_mb": info["peak_bytes"] / 2**20 if "peak_bytes" in info else None,
                 }
             )
     return copy_bw, rows
@@ -120,14 +122,14 @@ def table(copy_bws: list[float | None], rows: list[dict], info: dict) -> str:
         "time ratio = provider / best baseline median (lower is better); speedup = its "
         "inverse; the best baseline is the fastest of what users run today in each group.",
         "",
-        "| op | dir | shape | provider | median ms | best baseline | time ratio | speedup | GB/s | of copy |",
-        "|---|---|---|---|---:|---|---:|---:|---:|---:|",
+        "| op | dir | shape | provider | median ms | best baseline | time ratio | speedup | GB/s | of copy | peak MB |",
+        "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['op']} | {r['direction']} | {r['shape']} | {r['provider']} | "
             f"{r['median_s'] * 1e3:.3f} | {r['baseline'] or '-'} | {f(r['time_ratio'], '.2f')} | {f(r['speedup'], '.2f')}x | "
-            f"{r['gb_per_s']:.1f} | {f(r['copy_fraction'], '.0%')} |"
+            f"{r['gb_per_s']:.1f} | {f(r['copy_fraction'], '.0%')} | {f(r.get('peak_mb'), '.0f')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -4,6 +4,7 @@ cross-model KV-cache alignment and temporal-encoder alignment."""
 from fastcore import ops
 from fastcore._backend import BACKENDS, backends, get_backend, set_backend, use_backend
 from fastcore.graph import Graph, Hierarchy, remap_hierarchy_and_graphs_strict
+from fastcore.resample import Resample
 
 __version__ = "0.1.0"
 
@@ -11,6 +12,7 @@ __all__ = [
     "BACKENDS",
     "Graph",
     "Hierarchy",
+    "Resample",
     "backends",
     "get_backend",
     "ops",

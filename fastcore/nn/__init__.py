@@ -1,6 +1,15 @@
 """fastcore's layers (``torch.nn.Module``s over fastcore ops)."""
 
+from fastcore.nn.kv import KVProjector, MultiTeacherKVProjector
 from fastcore.nn.pooling import GraphPooling, GraphUnpooling
 from fastcore.nn.spatiotemporal import EdgeGate, GraphGRUCell, SpatioTemporalBlock
 
-__all__ = ["EdgeGate", "GraphGRUCell", "GraphPooling", "GraphUnpooling", "SpatioTemporalBlock"]
+__all__ = [
+    "EdgeGate",
+    "GraphGRUCell",
+    "GraphPooling",
+    "GraphUnpooling",
+    "KVProjector",
+    "MultiTeacherKVProjector",
+    "SpatioTemporalBlock",
+]

@@ -3,7 +3,21 @@
 
 from fastcore.ops._csr import index_csr
 from fastcore.ops.gather import gather, gather_add
+from fastcore.ops.kv import kv_distill_loss, kv_project
+from fastcore.ops.resample import build_safe_linear_indices, safe_time_resample
 from fastcore.ops.segment import scatter, segment, segment_csr
 from fastcore.ops.spmm import spmm
 
-__all__ = ["gather", "gather_add", "index_csr", "scatter", "segment", "segment_csr", "spmm"]
+__all__ = [
+    "build_safe_linear_indices",
+    "gather",
+    "gather_add",
+    "index_csr",
+    "kv_distill_loss",
+    "kv_project",
+    "safe_time_resample",
+    "scatter",
+    "segment",
+    "segment_csr",
+    "spmm",
+]

@@ -206,8 +206,20 @@ def spmm(
         if edge_weight.device != x.device:
             raise ValueError(f"spmm: edge_weight is on {edge_weight.device} but x is on {x.device}")
         weight = edge_weight[graph.perm]  # CSR order
+    return apply_csr(x, weight, graph.csr(), dim)
+
+
+def apply_csr(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    structure: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    dim: int,
+) -> torch.Tensor:
+    """Run the ``fastcore::spmm`` operator on the chosen backend for a validated structure
+    ``(ptr, col, t_ptr, t_col, t_edge)`` (a :class:`fastcore.Graph`'s, or a rectangular one
+    such as a :class:`fastcore.Resample`'s) and CSR-ordered ``weight``; ``dim`` normalised."""
     backend = _backend.resolve("spmm", x.device)
     if backend == "reference":
-        return reference.spmm_csr(x, weight, graph.ptr, graph.col, dim)
+        return reference.spmm_csr(x, weight, structure[0], structure[1], dim)
     op = torch.ops.fastcore.spmm_triton if backend == "triton" else torch.ops.fastcore.spmm
-    return op(x, weight, *graph.csr(), dim, False)
+    return op(x, weight, *structure, dim, False)

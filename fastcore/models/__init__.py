@@ -1,0 +1,5 @@
+"""Training wrappers built on fastcore's layers (transformers models are imported lazily)."""
+
+from fastcore.models.kv_distill import KVDistiller, KVDistillOutput, build_tiny_qwen2_pair
+
+__all__ = ["KVDistillOutput", "KVDistiller", "build_tiny_qwen2_pair"]
