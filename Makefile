@@ -2,6 +2,7 @@
 # $(VENV), a pinned CPU torch (override TORCH_SPEC on other machines), the package built
 # in place with its C++ extension, then the job.
 #
+#   make train   the default training job (configs/example.yaml until the basin job lands)
 #   make test    the whole test suite (Triton kernels under TRITON_INTERPRET=1 without a GPU,
 #                and a compile-only check of every CUDA source where nvcc is installed)
 #   make bench   the benchmarks, a ratio table and bench/results/<device>-<date>.json
@@ -23,7 +24,10 @@ DEPS     := $(VENV)/.deps-installed
 BUILT    := $(VENV)/.fastcore-built
 SOURCES  := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: test bench lint clean
+TRAIN_CONFIG ?= configs/example.yaml
+TRAIN_ARGS   ?=
+
+.PHONY: train test bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +40,9 @@ $(DEPS): | $(PY)
 $(BUILT): $(DEPS) $(SOURCES)
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
 	touch $@
+
+train: $(BUILT)
+	$(PY) -m fastcore.train --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
 
 test: $(BUILT)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

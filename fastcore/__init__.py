@@ -1,7 +1,7 @@
 """fastcore: kernel-backed PyTorch ops for hierarchical spatiotemporal graph models,
 cross-model KV-cache alignment and temporal-encoder alignment."""
 
-from fastcore import ops
+from fastcore import losses, ops
 from fastcore._backend import BACKENDS, backends, get_backend, set_backend, use_backend
 from fastcore.graph import Graph, Hierarchy, remap_hierarchy_and_graphs_strict
 from fastcore.resample import Resample
@@ -15,6 +15,7 @@ __all__ = [
     "Resample",
     "backends",
     "get_backend",
+    "losses",
     "ops",
     "remap_hierarchy_and_graphs_strict",
     "set_backend",

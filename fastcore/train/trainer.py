@@ -1,0 +1,573 @@
+"""The training loop: one readable class for ``python -m`` and ``torchrun``.
+
+Per optimizer step: ``accum_steps`` micro-batches (forward under autocast, backward, DDP
+gradient sync on the last one only) -> unscale (fp16) -> NaN/Inf scan of the loss and the
+gradients (a bad step is skipped, its parameters logged; ``nan_patience`` bad steps in a
+row stop the run) -> gradient clipping -> AdamW -> cosine schedule with warm-up ->
+logging, validation and checkpoints on their schedules.
+
+Data order is a pure function of (seed, epoch): every rank's sampler draws the same
+permutation and takes its stride of it, so W processes with per-rank batch B/W see the
+same global batches as one process with batch B, and a run resumed from a checkpoint
+(which records the epoch and the batch within it) continues with exactly the batches the
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from fastcore.train import checkpoint as ckpt_io
+from fastcore.train.config import Config, save_config
+from fastcore.train.diagnostics import (
+    check_gradients,
+    memory_stats,
+    nonfinite_grad_names,
+    parameter_summary,
+)
+from fastcore.train.distributed import (
+    DistInfo,
+    RandomSubsetDistributedSampler,
+    SkipFirst,
+    all_reduce_,
+)
+from fastcore.train.jobs import JobParts
+
+log = logging.getLogger("fastcore.train")
+
+
+class TrainingDiverged(RuntimeError):
+    """``nan_patience`` optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
+    """The LR multiplier at optimizer step ``s``: linear 0 -> 1 over ``warmup`` steps, then
+    a cosine from 1 down to ``min_ratio`` at step ``total``."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        span = max(1, total - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def batch_len(batch: Any) -> int:
+    """The leading size of the first tensor in ``batch`` (tensors nested in containers)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    items = batch.values() if isinstance(batch, dict) else batch
+    if isinstance(items, (list, tuple, type({}.values()))):
+        for item in items:
+            n = batch_len(item)
+            if n >= 0:
+                return n
+    return -1
+
+
+class Trainer:
+    """Runs a job (:class:`~fastcore.train.jobs.JobParts`) under a :class:`Config`.
+
+    Args:
+        cfg: the validated config.
+        parts: the job's model, datasets and loss.
+        dist_info: rank, world size and device (:func:`fastcore.train.distributed.setup`).
+    """
+
+    def __init__(self, cfg: Config, parts: JobParts, dist_info: DistInfo) -> None:
+        self.cfg, self.parts, self.dist = cfg, parts, dist_info
+        tc = cfg.train
+        per_step = dist_info.world_size * tc.accum_steps
+        if tc.batch_size % per_step:
+            raise ValueError(
+                f"train.batch_size {tc.batch_size} must divide by world_size "
+                f"{dist_info.world_size} x train.accum_steps {tc.accum_steps}"
+            )
+        self.micro_batch = tc.batch_size // per_step
+        self.device = dist_info.device
+        self.run_dir = cfg.run_path
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.model = parts.model.to(self.device)
+        self.ddp: nn.Module = self.model
+        if dist_info.distributed:
+            self.ddp = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=tc.find_unused_parameters,
+            )
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": tc.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=tc.lr,
+            betas=tuple(tc.betas),
+            eps=tc.eps,
+        )
+        self.sampler = self._sampler(parts.train_set, shuffle=True)
+        self.steps_per_epoch = len(self.sampler) // (self.micro_batch * tc.accum_steps)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training set ({len(parts.train_set)} samples) holds no full global batch "
+                f"of {tc.batch_size}"
+            )
+        self.total_steps = self.steps_per_epoch * tc.epochs
+        if tc.max_steps is not None:
+            self.total_steps = min(self.total_steps, tc.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_warmup(tc.warmup_steps, self.total_steps, tc.min_lr_ratio)
+        )
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
+        self.step = 0  # optimizer steps taken (skipped ones included)
+        self.epoch = 0
+        self.batch_in_epoch = 0  # optimizer steps of the current epoch already done
+        self.bad_streak = 0
+        self.best: float | None = None
+        self.writer = None
+        self.metrics_file = None
+
+    # ------------------------------------------------------------------ data
+
+    def _sampler(self, dataset, shuffle: bool) -> DistributedSampler:
+        tc, d = self.cfg.train, self.dist
+        if shuffle and tc.subset is not None:
+            return RandomSubsetDistributedSampler(
+                dataset, tc.subset, d.world_size, d.rank, seed=tc.seed, drop_last=True
+            )
+        return DistributedSampler(
+            dataset, d.world_size, d.rank, shuffle=shuffle, seed=tc.seed, drop_last=shuffle
+        )
+
+    def _loader(self, dataset, sampler, epoch: int) -> DataLoader:
+        # The loader's own generator (re-seeded per epoch) feeds worker seeds, so creating
+        # an iterator never draws from the global RNG a resumed run must replay.
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+        return DataLoader(
+            dataset,
+            batch_size=self.micro_batch,
+            sampler=sampler,
+            collate_fn=self.parts.collate_fn,
+            num_workers=self.cfg.train.num_workers,
+            drop_last=True,
+            generator=g,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    # --------------------------------------------------------------- logging
+
+    def _setup_logging(self) -> None:
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115
+        if self.cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError(
+                    "log.tensorboard is true but the tensorboard package is missing: install "
+                    "fastcore[train] or set log.tensorboard=false"
+                ) from e
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+
+    def _record(self, kind: str, values: dict[str, float]) -> None:
+        if not self.dist.is_main:
+            return
+        row = {"kind": kind, "step": self.step, "epoch": self.epoch, **values}
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.flush()
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.writer.add_scalar(f"{kind}/{k}", v, self.step)
+
+    # ------------------------------------------------------------ checkpoint
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "job": self.cfg.job,
+            "model": self.model.state_dict(),
+            "fingerprint": ckpt_io.fingerprint(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": ckpt_io.rng_state(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "bad_streak": self.bad_streak,
+            "best": self.best,
+            "config": self.cfg.to_dict(),
+        }
+
+    def save(self, name: str | None = None) -> Path | None:
+        """Write ``step-<step>.pt`` (or ``name``) on rank 0, prune old ones; all ranks wait."""
+        path = None
+        if self.dist.is_main:
+            path = self.ckpt_dir / (name or f"step-{self.step:08d}.pt")
+            ckpt_io.atomic_save(self.state(), path)
+            if name is None:
+                ckpt_io.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
+            log.info("checkpoint %s", path)
+        if self.dist.distributed:
+            torch.distributed.barrier()
+        return path
+
+    def resume(self, resume: str) -> None:
+        path = ckpt_io.resolve(resume, self.ckpt_dir)
+        state = ckpt_io.load(path)
+        ckpt_io.check_fingerprint(state, self.model, path, self.cfg.job)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt_io.set_rng_state(state["rng"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch, self.bad_streak = state["batch_in_epoch"], state["bad_streak"]
+        self.best = state["best"]
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            path,
+            self.step,
+            self.epoch,
+            self.batch_in_epoch,
+        )
+
+    # ------------------------------------------------------------------ loop
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda" and self.cfg.log.sync_timing:
+            torch.cuda.synchronize(self.device)
+
+    def _batches(self) -> Iterator[Any]:
+        """This epoch's micro-batches, from where a resumed run left off."""
+        skip = self.batch_in_epoch * self.cfg.train.accum_steps * self.micro_batch
+        sampler = SkipFirst(self.sampler, skip)
+        sampler.set_epoch(self.epoch)
+        return iter(self._loader(self.parts.train_set, sampler, self.epoch))
+
+    def train_step(self, batches: Iterator[Any]) -> dict[str, float]:
+        """One optimizer step over ``accum_steps`` micro-batches."""
+        tc = self.cfg.train
+        timing = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        loss_sum = torch.zeros((), device=self.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        for micro in range(tc.accum_steps):
+            t0 = time.perf_counter()
+            batch = to_device(next(batches), self.device)
+            self._sync()
+            t1 = time.perf_counter()
+            last = micro == tc.accum_steps - 1
+            no_sync = (
+                self.ddp.no_sync()
+                if self.dist.distributed and not last
+                else contextlib.nullcontext()
+            )
+            with no_sync:
+                with self._autocast():
+                    loss, metrics = self.parts.loss_fn(self.ddp, batch)
+                self._sync()
+                t2 = time.perf_counter()
+                self.scaler.scale(loss.float() / tc.accum_steps).backward()
+                self._sync()
+            t3 = time.perf_counter()
+            timing["data"] += t1 - t0
+            timing["forward"] += t2 - t1
+            timing["backward"] += t3 - t2
+            loss_sum += loss.detach().float()
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + torch.as_tensor(v).detach().float()
+        t4 = time.perf_counter()
+        self.step += 1
+        self.batch_in_epoch += 1
+        if self.step in self.cfg.debug.nan_grad_steps:
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            if trainable[0].grad is not None:
+                trainable[0].grad.view(-1)[0] = float("nan")
+        self.scaler.unscale_(self.optimizer)
+        every = self.cfg.log.grad_report_every
+        if self.dist.is_main and (self.step == 1 or (every and self.step % every == 0)):
+            report = check_gradients(self.model)
+            log.info("[GRAD] step %d: %s", self.step, report.summary())
+            if not report.ok:
+                for line in report.table().splitlines():
+                    log.info("[GRAD] %s", line)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            params, tc.grad_clip if tc.grad_clip is not None else float("inf")
+        )
+        # One flag for the whole world: a rank whose local loss went non-finite must not
+        # step while the others skip.
+        flags = torch.stack(
+            [(~torch.isfinite(loss_sum)).float(), (~torch.isfinite(grad_norm)).float()]
+        )
+        bad_loss, bad_grad = (all_reduce_(flags, "max") > 0).tolist()
+        lr = self.scheduler.get_last_lr()[0]
+        if bad_loss or bad_grad:
+            overflow_only = (
+                self.scaler.is_enabled() and not bad_loss and self.scaler.get_scale() > 1.0
+            )
+            names = nonfinite_grad_names(self.model) if bad_grad else []
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+            if overflow_only:
+                log.info(
+                    "[AMP] step %d: fp16 gradient overflow, step skipped, loss scale -> %g",
+                    self.step,
+                    self.scaler.get_scale(),
+                )
+            else:
+                self.bad_streak += 1
+                what = "loss" if bad_loss else "gradient"
+                log.warning(
+                    "[NAN] step %d: non-finite %s, step skipped (%d in a row); "
+                    "non-finite gradients in: %s",
+                    self.step,
+                    what,
+                    self.bad_streak,
+                    ", ".join(names[:10]) or "-",
+                )
+                self._record("skip", {"bad_streak": self.bad_streak, "params": len(names)})
+                if self.bad_streak >= tc.nan_patience:
+                    raise TrainingDiverged(
+                        f"{self.bad_streak} optimizer steps in a row (up to step {self.step}) had "
+                        f"a non-finite {what} (train.nan_patience = {tc.nan_patience}); last "
+                        f"non-finite gradients: {', '.join(names[:10]) or '-'}. Lower train.lr, "
+                        "check the inputs for NaN, or set train.anomaly=true to find the op"
+                    )
+        else:
+            self.bad_streak = 0
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            # The schedule follows the data position: a skipped step advances it too, which
+            # is what torch's "scheduler.step() before optimizer.step()" warning is about.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+        self._sync()
+        timing["optimizer"] = time.perf_counter() - t4
+        scale = 1.0 / tc.accum_steps
+        values = {
+            "loss": loss_sum.item() * scale,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "skipped": float(bool(bad_loss or bad_grad)),
+            **{k: float(v) * scale for k, v in metric_sums.items()},
+        }
+        if self.dist.distributed:
+            # float64 on the run's device: nccl reduces device tensors only.
+            synced = torch.tensor([values["loss"]], dtype=torch.float64, device=self.device)
+            values["loss"] = float(all_reduce_(synced, "sum")) / self.dist.world_size
+        values.update({f"time_{k}": v for k, v in timing.items()})
+        return values
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss and metrics over the validation set (all ranks together)."""
+        if self.parts.val_set is None:
+            return {}
+        self.model.eval()
+        # Every validation sample exactly once across ranks (no padding repeats).
+        shard = Subset(
+            self.parts.val_set,
+            range(self.dist.rank, len(self.parts.val_set), self.dist.world_size),
+        )
+        loader = DataLoader(shard, batch_size=self.micro_batch, collate_fn=self.parts.collate_fn)
+        sums: dict[str, torch.Tensor] = {}
+        count = torch.zeros((), dtype=torch.float64)
+        for batch in loader:
+            batch = to_device(batch, self.device)
+            n = batch_len(batch)
+            with self._autocast():
+                loss, metrics = self.parts.loss_fn(self.model, batch)
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).double().cpu() * n
+            count += n
+        self.model.train()
+        keys = sorted(sums)
+        packed = torch.stack([*(sums[k] for k in keys), count]).to(self.device)
+        packed = all_reduce_(packed, "sum").cpu()
+        return {f"val_{k}": float(packed[i] / packed[-1]) for i, k in enumerate(keys)}
+
+    def _after_eval(self, values: dict[str, float]) -> None:
+        self._record("val", values)
+        if self.dist.is_main:
+            log.info(
+                "[VAL] step %d epoch %d: %s",
+                self.step,
+                self.epoch,
+                "  ".join(f"{k} {v:.5g}" for k, v in values.items()),
+            )
+        key = self.cfg.checkpoint.best_metric
+        if key not in values:
+            return
+        value = values[key]
+        better = self.best is None or (
+            value < self.best if self.cfg.checkpoint.best_mode == "min" else value > self.best
+        )
+        if better and math.isfinite(value):
+            self.best = value
+            self.save("best.pt")
+
+    def fit(self, resume: str | None = None) -> dict[str, float]:
+        """Train to ``train.epochs`` / ``train.max_steps``; returns the last validation."""
+        tc, lc = self.cfg.train, self.cfg.log
+        self._setup_logging()
+        if resume:
+            self.resume(resume)
+        if self.dist.is_main:
+            log.info(
+                "run %s: job %s, world %d, device %s, precision %s, global batch %d "
+                "(%d per rank x %d accumulation), %d steps (%d per epoch)",
+                self.run_dir,
+                self.cfg.job,
+                self.dist.world_size,
+                self.device,
+                tc.precision,
+                tc.batch_size,
+                self.micro_batch,
+                tc.accum_steps,
+                self.total_steps,
+                self.steps_per_epoch,
+            )
+            log.info("[SANITY] %s", parameter_summary(self.model))
+            if self.parts.sanity is not None:
+                for line in self.parts.sanity().splitlines():
+                    log.info("[SANITY] %s", line)
+        progress = None
+        if self.dist.is_main and lc.progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True)
+        last_val: dict[str, float] = {}
+        evaluated_at = -1
+        anomaly = torch.autograd.set_detect_anomaly(True) if tc.anomaly else None
+        try:
+            self.model.train()
+            while self.step < self.total_steps and self.epoch < tc.epochs:
+                batches = self._batches()
+                while self.batch_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
+                    values = self.train_step(batches)
+                    self._record("train", values)
+                    if progress is not None:
+                        progress.update(1)
+                        progress.set_postfix(loss=f"{values['loss']:.4g}")
+                    if self.dist.is_main and (self.step % lc.every_steps == 0 or self.step == 1):
+                        self._log_step(values)
+                    if tc.eval_every_steps and self.step % tc.eval_every_steps == 0:
+                        last_val, evaluated_at = self.evaluate(), self.step
+                        self._after_eval(last_val)
+                    every = self.cfg.checkpoint.every_steps
+                    if every and self.step % every == 0:
+                        self.save()
+                    if self.cfg.debug.kill_at_step == self.step:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                if self.batch_in_epoch >= self.steps_per_epoch:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    last_val, evaluated_at = self.evaluate(), self.step
+                    if last_val:
+                        self._after_eval(last_val)
+                    self.save()
+            if self.batch_in_epoch:
+                if evaluated_at != self.step and self.parts.val_set is not None:
+                    last_val = self.evaluate()
+                    self._after_eval(last_val)
+                self.save()
+        finally:
+            if progress is not None:
+                progress.close()
+            if anomaly is not None:
+                torch.autograd.set_detect_anomaly(False)
+            if self.writer is not None:
+                self.writer.flush()
+            if self.metrics_file is not None:
+                self.metrics_file.flush()
+        if self.parts.finish is not None and self.dist.is_main:
+            self.parts.finish(self)
+        return last_val
+
+    def _log_step(self, values: dict[str, float]) -> None:
+        mem = memory_stats(self.device)
+        self._record("mem", mem)
+        log.info(
+            "step %d/%d epoch %d: loss %.5g  lr %.3g  grad norm %.4g%s",
+            self.step,
+            self.total_steps,
+            self.epoch,
+            values["loss"],
+            values["lr"],
+            values["grad_norm"],
+            "  (skipped)" if values["skipped"] else "",
+        )
+        log.info(
+            "[TIMING] step %d: data %.1f ms  forward %.1f ms  backward %.1f ms  optimizer %.1f ms",
+            self.step,
+            *(1e3 * values[f"time_{k}"] for k in ("data", "forward", "backward", "optimizer")),
+        )
+        log.info("[MEM] step %d: %s", self.step, "  ".join(f"{k} {v:.1f}" for k, v in mem.items()))
+
+
+def configure_logging(run_dir: Path, rank: int) -> None:
+    """Rank 0 logs INFO to stderr and to ``<run_dir>/train.log``; other ranks warnings only."""
+    logger = logging.getLogger("fastcore")
+    logger.handlers.clear()
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    logger.addHandler(stream)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(run_dir / "train.log")
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    logger.propagate = False

@@ -1,0 +1,353 @@
+"""fastcore.train end to end: the example job in-process, under a real SIGKILL and resume,
+under torchrun with two processes, with injected NaN gradients, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fastcore.train import (
+    CheckpointError,
+    ConfigError,
+    RandomSubsetDistributedSampler,
+    TrainingDiverged,
+    check_gradients,
+)
+from fastcore.train import checkpoint as ckpt_io
+from fastcore.train.__main__ import main, resolve_config, run
+from fastcore.train.trainer import cosine_with_warmup
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "example.yaml"
+# Small and fast: 300 days -> 228 training windows -> 7 steps of 32 per epoch.
+SMALL = [
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.every_steps=5",
+    "train.epochs=2",
+    "train.warmup_steps=3",
+    "train.threads=1",
+    "data.steps=300",
+    "model.hidden=8",
+    "checkpoint.every_steps=5",
+]
+
+
+def overrides(run_dir: Path, *extra: str) -> list[str]:
+    return [f"run_dir={run_dir}", *SMALL, *extra]
+
+
+def config(run_dir: Path, *extra: str):
+    return resolve_config(str(CONFIG), overrides(run_dir, *extra))
+
+
+def cli(run_dir: Path, *extra: str, launcher: list[str] | None = None, resume: str | None = None):
+    cmd = [*(launcher or [sys.executable]), "-m", "fastcore.train", "--config", str(CONFIG)]
+    if resume:
+        cmd += ["--resume", resume]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [*cmd, *overrides(run_dir, *extra)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Step -> training loss (the last record of a step: a resumed run repeats steps)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["kind"] == "train":
+            out[row["step"]] = row["loss"]
+    return out
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    last = ckpt_io.step_checkpoints(run_dir / "checkpoints")[-1]
+    return ckpt_io.load(last)["model"]
+
+
+def assert_weights_close(a, b, rtol=1e-5, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_example_job_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = config(run_dir, "log.tensorboard=true", "checkpoint.keep_last=2")
+    val = run(cfg)
+    curve = losses(run_dir)
+    assert sorted(curve) == list(range(1, 15))
+    assert sum(list(curve.values())[-3:]) / 3 < 0.7 * curve[1], curve
+    assert val["val_loss"] < curve[1] and "val_mae" in val
+    text = (run_dir / "train.log").read_text()
+    for tag in (
+        "[SANITY] river graph: 24 nodes, 23 edges, max index 23 < 24",
+        "[SANITY] parameters:",
+    ):
+        assert tag in text
+    for tag in ("[TIMING] step 5: data", "[MEM] step 5: cpu_rss_mib", "[GRAD] step 1: "):
+        assert tag in text
+    assert "[VAL] step 7 epoch 1" in text
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    saved = resolve_config(str(run_dir / "config.yaml"), [])
+    assert saved.to_dict() == cfg.to_dict()
+    ckpts = ckpt_io.step_checkpoints(run_dir / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-00000010.pt", "step-00000014.pt"]
+    best = ckpt_io.load(run_dir / "checkpoints" / "best.pt")
+    assert best["best"] == pytest.approx(min(r for r in [val["val_loss"], best["best"]]))
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    # The model has dropout: matching needs the RNG states restored, not just the data order.
+    whole = tmp_path / "whole"
+    run(config(whole))
+    broken = tmp_path / "broken"
+    killed = cli(broken, "debug.kill_at_step=6")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert ckpt_io.step_checkpoints(broken / "checkpoints")[-1].name == "step-00000005.pt"
+    assert max(losses(broken)) == 6  # it ran past the checkpoint before it died
+    resumed = cli(broken, resume="latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr and "at step 5 (epoch 0, batch 5)" in resumed.stderr
+    assert losses(broken) == losses(whole)  # exact: same seed, same data order, same RNG
+    assert_weights_close(final_weights(broken), final_weights(whole), rtol=0, atol=0)
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    # Without dropout: each rank draws its own masks, so only a deterministic model can
+    # match the single process exactly.
+    single = tmp_path / "single"
+    run(config(single, "model.dropout=0"))
+    ddp = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = cli(ddp, "model.dropout=0", launcher=launcher)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "world 2" in out.stderr and "(16 per rank x 1 accumulation)" in out.stderr
+    assert_weights_close(final_weights(ddp), final_weights(single))
+    a, b = losses(ddp), losses(single)
+    assert a.keys() == b.keys()
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    run(config(tmp_path / "one", "train.max_steps=6", "model.dropout=0"))
+    run(config(tmp_path / "accum", "train.max_steps=6", "train.accum_steps=4", "model.dropout=0"))
+    assert_weights_close(final_weights(tmp_path / "accum"), final_weights(tmp_path / "one"))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(tmp_path, precision):
+    run_dir = tmp_path / precision
+    run(config(run_dir, f"train.precision={precision}", "train.max_steps=8"))
+    curve = losses(run_dir)
+    assert len(curve) == 8 and all(torch.isfinite(torch.tensor(v)) for v in curve.values())
+    assert curve[8] < curve[1]
+    state = ckpt_io.load(ckpt_io.step_checkpoints(run_dir / "checkpoints")[-1])
+    assert all(v.dtype == torch.float32 for v in state["model"].values())
+    assert state["scaler"] if precision == "fp16" else True
+
+
+# ------------------------------------------------------------------------------ safety
+
+
+def test_injected_nan_gradient_is_skipped_and_logged(tmp_path):
+    run_dir = tmp_path / "nan"
+    run(config(run_dir, "debug.nan_grad_steps=[3]", "train.max_steps=6"))
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in rows if r["kind"] == "train"}
+    assert train[3]["skipped"] == 1.0 and train[2]["skipped"] == 0.0 and train[4]["skipped"] == 0.0
+    assert [r["step"] for r in rows if r["kind"] == "skip"] == [3]
+    text = (run_dir / "train.log").read_text()
+    assert "[NAN] step 3: non-finite gradient, step skipped (1 in a row)" in text
+    assert "non-finite gradients in: embed_weight" in text
+    assert all(torch.isfinite(v).all() for v in final_weights(run_dir).values())
+
+
+def test_nan_gradients_in_a_row_stop_the_run(tmp_path, capsys):
+    run_dir = tmp_path / "stop"
+    with pytest.raises(TrainingDiverged, match=r"3 optimizer steps in a row \(up to step 5\)"):
+        run(config(run_dir, "debug.nan_grad_steps=[3,4,5,6]", "train.nan_patience=3"))
+    code = main(
+        [
+            "--config",
+            str(CONFIG),
+            *overrides(tmp_path / "cli", "debug.nan_grad_steps=[2,3]", "train.nan_patience=2"),
+        ]
+    )
+    assert code == 2
+    assert "TrainingDiverged: 2 optimizer steps in a row" in capsys.readouterr().err
+
+
+def test_check_gradients_reports_broken_flow():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(3, 2)
+            self.unused = nn.Linear(3, 2)  # never called: no gradient
+            self.frozen = nn.Parameter(torch.randn(2), requires_grad=False)
+            self.gated = nn.Parameter(torch.randn(2))  # multiplied by 0: a zero gradient
+            self.bad = nn.Parameter(torch.randn(2))
+
+        def forward(self, x):
+            return (self.used(x) + self.frozen + 0 * self.gated + self.bad * x[:, :2]).sum()
+
+    net = Net()
+    net(torch.randn(4, 3)).backward()
+    net.bad.grad[1] = float("inf")
+    report = check_gradients(net)
+    assert report.missing == ["unused.weight", "unused.bias"]
+    assert report.zero == ["gated"]
+    assert report.nonfinite == ["bad"]
+    assert report.frozen == ["frozen"]
+    assert not report.ok
+    expected = torch.cat([net.used.weight.grad.flatten(), net.used.bias.grad]).norm()
+    assert report.total_norm == pytest.approx(float(expected), rel=1e-6)
+    summary = report.summary()
+    assert "MISSING grad (no path from the loss): unused.weight, unused.bias" in summary
+    assert "NON-FINITE" in report.table() and "frozen" in report.table()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_config_errors_name_the_key(tmp_path, capsys):
+    base = [f"run_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.lrr'; did you mean 'lr'"):
+        resolve_config(str(CONFIG), [*base, "train.lrr=1e-3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'; did you mean 'train'"):
+        resolve_config(str(CONFIG), [*base, "trian.lr=1e-3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.hiden'"):
+        resolve_config(str(CONFIG), [*base, "model.hiden=3"])
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected int, got 'two'"):
+        resolve_config(str(CONFIG), [*base, "train.epochs=two"])
+    with pytest.raises(ConfigError, match=r"train\.precision: expected 'fp32' \| 'bf16' \| 'fp16'"):
+        resolve_config(str(CONFIG), [*base, "train.precision=fp8"])
+    with pytest.raises(ConfigError, match=r"train\.batch_size = 0: expected an int >= 1"):
+        resolve_config(str(CONFIG), [*base, "train.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"must look like section\.key=value"):
+        resolve_config(str(CONFIG), [*base, "train.lr"])
+    with pytest.raises(FileNotFoundError, match=r"config file 'nope\.yaml' does not exist"):
+        resolve_config("nope.yaml", [])
+    with pytest.raises(ValueError, match="unknown job 'basinz'; registered jobs: example"):
+        resolve_config(str(CONFIG), [*base, "job=basinz"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        resolve_config(str(bad), [])
+    assert main(["--config", str(CONFIG), "train.warmup=3"]) == 2
+    assert (
+        "unknown config key 'train.warmup'; did you mean 'warmup_steps'" in capsys.readouterr().err
+    )
+
+
+def test_batch_that_does_not_split_is_an_error(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"batch_size 30 must divide by world_size 1 x train\.accum_steps 4"
+    ):
+        run(config(tmp_path, "train.batch_size=30", "train.accum_steps=4"))
+
+
+def test_missing_data_path_is_an_error(tmp_path):
+    missing = tmp_path / "series.pt"
+    with pytest.raises(FileNotFoundError, match=f"data.path '{missing}' does not exist"):
+        run(config(tmp_path / "run", f"data.path={missing}"))
+
+
+def test_resume_from_another_model_or_a_truncated_file(tmp_path):
+    run_dir = tmp_path / "run"
+    run(config(run_dir, "train.max_steps=5"))
+    latest = ckpt_io.step_checkpoints(run_dir / "checkpoints")[-1]
+    with pytest.raises(
+        CheckpointError, match=r"written for another model: shape mismatch .*8\] vs model \[2, 12\]"
+    ):
+        run(config(run_dir, "model.hidden=12"), resume="latest")
+    with pytest.raises(
+        CheckpointError, match=r"written for another model: unexpected \['blocks\.1\."
+    ):
+        run(config(run_dir, "model.blocks=1"), resume=str(latest))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    with pytest.raises(
+        CheckpointError, match=r"truncated\.pt' \(\d+ bytes\) cannot be read — truncated"
+    ):
+        run(config(run_dir), resume=str(truncated))
+    with pytest.raises(CheckpointError, match=r"no step-\*\.pt checkpoint in"):
+        run(config(tmp_path / "empty"), resume="latest")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        run(config(run_dir), resume=str(tmp_path / "gone.pt"))
+
+
+def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "step-00000001.pt"
+    ckpt_io.atomic_save({"model": {"w": torch.arange(4.0)}}, path)
+    good = path.read_bytes()
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt_io.atomic_save({"model": {"w": torch.zeros(4)}}, path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temp file left
+
+
+# --------------------------------------------------------------------- small pieces
+
+
+def test_random_subset_sampler_is_shared_fresh_and_sharded():
+    data = list(range(50))
+    shards = [
+        RandomSubsetDistributedSampler(data, 0.4, num_replicas=2, rank=r, seed=7) for r in (0, 1)
+    ]
+    seen = []
+    for epoch in (0, 1):
+        for s in shards:
+            s.set_epoch(epoch)
+        a, b = (list(s) for s in shards)
+        assert len(a) == len(b) == 10 == len(shards[0])
+        assert not set(a) & set(b)
+        seen.append(sorted(a + b))
+    assert seen[0] != seen[1]  # a fresh subset each epoch
+    again = RandomSubsetDistributedSampler(data, 20, num_replicas=2, rank=0, seed=7)
+    again.set_epoch(1)
+    shards[0].set_epoch(1)
+    assert list(again) == list(shards[0])  # a function of (seed, epoch) only
+    with pytest.raises(ValueError, match=r"subset fraction must be in \(0, 1\], got 1.5"):
+        RandomSubsetDistributedSampler(data, 1.5, num_replicas=1, rank=0)
+    with pytest.raises(ValueError, match=r"subset count must be in \[1, 50\]"):
+        RandomSubsetDistributedSampler(data, 51, num_replicas=1, rank=0)
+
+
+def test_subset_option_trains_on_a_fraction(tmp_path):
+    run_dir = tmp_path / "subset"
+    run(config(run_dir, "train.subset=0.5"))
+    assert sorted(losses(run_dir)) == list(range(1, 7))  # 114 of 228 windows -> 3 steps/epoch
+
+
+def test_cosine_schedule_with_warmup():
+    f = cosine_with_warmup(warmup=4, total=14, min_ratio=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0)
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(14) == pytest.approx(0.1) and f(20) == pytest.approx(0.1)
