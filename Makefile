@@ -2,7 +2,8 @@
 # $(VENV), a pinned CPU torch (override TORCH_SPEC on other machines), the package built
 # in place with its C++ extension, then the job.
 #
-#   make train   the default training job (configs/example.yaml until the basin job lands)
+#   make train   the basin job on the Rhine network: the graph-free GRU baseline, the
+#                hierarchical model, then the report (runs/basin/report.md)
 #   make test    the whole test suite (Triton kernels under TRITON_INTERPRET=1 without a GPU,
 #                and a compile-only check of every CUDA source where nvcc is installed)
 #   make bench   the benchmarks, a ratio table and bench/results/<device>-<date>.json
@@ -24,7 +25,8 @@ DEPS     := $(VENV)/.deps-installed
 BUILT    := $(VENV)/.fastcore-built
 SOURCES  := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-TRAIN_CONFIG ?= configs/example.yaml
+TRAIN_CONFIG ?= configs/basin.yaml
+TRAIN_RUNS   ?= runs/basin
 TRAIN_ARGS   ?=
 
 .PHONY: train test bench lint clean
@@ -41,8 +43,12 @@ $(BUILT): $(DEPS) $(SOURCES)
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
 	touch $@
 
+# Each make train starts its two runs afresh (their old run directories are removed).
 train: $(BUILT)
-	$(PY) -m fastcore.train --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
+	rm -rf $(TRAIN_RUNS)/gru $(TRAIN_RUNS)/hierarchical
+	$(PY) -m fastcore.train --config $(TRAIN_CONFIG) model.arch=gru run_dir=$(TRAIN_RUNS)/gru $(TRAIN_ARGS)
+	$(PY) -m fastcore.train --config $(TRAIN_CONFIG) run_dir=$(TRAIN_RUNS)/hierarchical $(TRAIN_ARGS)
+	$(PY) -m fastcore.train.basin_report --runs $(TRAIN_RUNS)
 
 test: $(BUILT)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -86,7 +86,8 @@ def build_rows(run: dict) -> tuple[float | None, list[dict]]:
         base_median = base[0]["stats"]["median"] if base else None
         for b in sorted(members, key=lambda b: b["stats"]["median"]):
             info, median = b["extra_info"], b["stats"]["median"]
-            bandwidth = info["bytes"] / median
+            # Whole training steps record samples, not bytes: throughput instead of GB/s.
+            bandwidth = info["bytes"] / median if "bytes" in info else None
             rows.append(
                 {
                     "group": group,
@@ -100,8 +101,9 @@ def build_rows(run: dict) -> tuple[float | None, list[dict]]:
                     "rounds": b["stats"]["rounds"],
                     "time_ratio": median / base_median if base_median else None,
                     "speedup": base_median / median if base_median else None,
-                    "gb_per_s": bandwidth / 1e9,
-                    "copy_fraction": bandwidth / copy_bw if copy_bw else None,
+                    "gb_per_s": bandwidth / 1e9 if bandwidth else None,
+                    "copy_fraction": bandwidth / copy_bw if copy_bw and bandwidth else None,
+                    "samples_per_s": info["samples"] / median if "samples" in info else None,
                     "peak_mb": info["peak_bytes"] / 2**20 if "peak_bytes" in info else None,
                 }
             )
@@ -122,14 +124,15 @@ def table(copy_bws: list[float | None], rows: list[dict], info: dict) -> str:
         "time ratio = provider / best baseline median (lower is better); speedup = its "
         "inverse; the best baseline is the fastest of what users run today in each group.",
         "",
-        "| op | dir | shape | provider | median ms | best baseline | time ratio | speedup | GB/s | of copy | peak MB |",
-        "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|",
+        "| op | dir | shape | provider | median ms | best baseline | time ratio | speedup | GB/s | of copy | peak MB | samples/s |",
+        "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['op']} | {r['direction']} | {r['shape']} | {r['provider']} | "
             f"{r['median_s'] * 1e3:.3f} | {r['baseline'] or '-'} | {f(r['time_ratio'], '.2f')} | {f(r['speedup'], '.2f')}x | "
-            f"{r['gb_per_s']:.1f} | {f(r['copy_fraction'], '.0%')} | {f(r.get('peak_mb'), '.0f')} |"
+            f"{f(r['gb_per_s'], '.1f')} | {f(r['copy_fraction'], '.0%')} | {f(r.get('peak_mb'), '.0f')} | "
+            f"{f(r.get('samples_per_s'), '.1f')} |"
         )
     return "\n".join(lines) + "\n"
 

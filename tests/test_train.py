@@ -247,7 +247,7 @@ def test_config_errors_name_the_key(tmp_path, capsys):
         resolve_config(str(CONFIG), [*base, "train.lr"])
     with pytest.raises(FileNotFoundError, match=r"config file 'nope\.yaml' does not exist"):
         resolve_config("nope.yaml", [])
-    with pytest.raises(ValueError, match="unknown job 'basinz'; registered jobs: example"):
+    with pytest.raises(ValueError, match="unknown job 'basinz'; registered jobs: basin, example"):
         resolve_config(str(CONFIG), [*base, "job=basinz"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")

@@ -1,5 +1,12 @@
-"""Training wrappers built on fastcore's layers (transformers models are imported lazily)."""
+"""Whole models built on fastcore's layers (transformers models are imported lazily)."""
 
+from fastcore.models.basin import BasinGRU, HierarchicalBasinModel
 from fastcore.models.kv_distill import KVDistiller, KVDistillOutput, build_tiny_qwen2_pair
 
-__all__ = ["KVDistillOutput", "KVDistiller", "build_tiny_qwen2_pair"]
+__all__ = [
+    "BasinGRU",
+    "HierarchicalBasinModel",
+    "KVDistillOutput",
+    "KVDistiller",
+    "build_tiny_qwen2_pair",
+]

@@ -48,7 +48,7 @@ class EdgeGate(nn.Module):
             return weight
         if graph.edge_attr is None:
             raise ValueError("this block gates edges by edge_attr, but the graph has none")
-        attr = graph.edge_attr.to(dtype).reshape(graph.num_edges, -1)
+        attr = graph.edge_attr.to(dtype).reshape(graph.num_edges, self.gate.in_features)
         return weight * torch.sigmoid(self.gate(attr)).squeeze(-1)
 
 

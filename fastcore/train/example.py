@@ -192,9 +192,7 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
     causal = Graph(torch.stack([basins * 2, basins * 2 + 1]), data.nodes * 2, device=ctx.device)
     if not 0.0 <= mcfg.dropout < 1.0:
         raise ValueError(f"model.dropout must be in [0, 1), got {mcfg.dropout}")
-    model = RiverForecaster(
-        river, causal, mcfg.hidden, mcfg.blocks, mcfg.kernel_size, mcfg.dropout
-    )
+    model = RiverForecaster(river, causal, mcfg.hidden, mcfg.blocks, mcfg.kernel_size, mcfg.dropout)
 
     def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 JOBS: dict[str, str] = {
     "example": "fastcore.train.example",
+    "basin": "fastcore.train.basin",
 }
 
 
@@ -56,6 +57,8 @@ class JobParts:
     device; batches come from ``train_set``/``val_set`` through ``collate_fn`` and are moved
     to the device by the Trainer (tensors, and tensors inside tuples, lists and dicts).
     ``sanity()``: the job's ``[SANITY]`` report (graphs, index bounds), logged before step 1.
+    ``evaluate(model)``: extra validation metrics over the whole validation set (e.g. NSE,
+    which batch means cannot give), merged into each validation as ``val_<name>``.
     ``finish(trainer)``: called on rank 0 after training (reports, plots).
     """
 
@@ -65,6 +68,7 @@ class JobParts:
     val_set: Dataset | None = None
     collate_fn: Callable | None = None
     sanity: Callable[[], str] | None = None
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
     finish: Callable[[Any], None] | None = None
 
 

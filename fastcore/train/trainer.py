@@ -435,7 +435,12 @@ class Trainer:
         keys = sorted(sums)
         packed = torch.stack([*(sums[k] for k in keys), count]).to(self.device)
         packed = all_reduce_(packed, "sum").cpu()
-        return {f"val_{k}": float(packed[i] / packed[-1]) for i, k in enumerate(keys)}
+        out = {f"val_{k}": float(packed[i] / packed[-1]) for i, k in enumerate(keys)}
+        if self.parts.evaluate is not None:
+            self.model.eval()
+            out.update({f"val_{k}": float(v) for k, v in self.parts.evaluate(self.model).items()})
+            self.model.train()
+        return out
 
     def _after_eval(self, values: dict[str, float]) -> None:
         self._record("val", values)

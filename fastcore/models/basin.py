@@ -1,0 +1,373 @@
+"""The hierarchical river-basin forecaster and its graph-free GRU baseline.
+
+:class:`HierarchicalBasinModel` reads a lookback window of every fine basin's inputs and
+forecasts its discharge over a horizon, autoregressively:
+
+1. **per-feature latents**: each input variable f of each basin gets its own latent,
+   ``x[..., f] * w_f + b_f`` plus an embedding of the basin's static attributes, giving the
+   hidden state ``(B, T, N, F, H)`` of :class:`~fastcore.nn.SpatioTemporalBlock`;
+2. **fine -> coarse**: SpatioTemporalBlocks on the fine level (river graph over basins,
+   causal graph between the variables of each basin) and a per-variable residual MLP (the
+   blocks are linear but for their LayerNorm), then :class:`~fastcore.nn.GraphPooling`
+   to the medium level, blocks there, pooling to the coarse level, blocks there;
+3. **coarse -> fine guidance**: :class:`~fastcore.nn.GraphUnpooling` back down, added to
+   each finer level's state (a skip connection), one more block per level;
+4. **multi-scale fusion**: the last step's fine, medium and coarse states (the coarser ones
+   unpooled to the fine basins) mixed with learned softmax weights, next to the fine state
+   averaged over the window, through an MLP into a context per basin;
+5. **autoregressive decoder**: a :class:`RiverGRUCell` (a GRU per basin reading its own
+   input and, through the river graph, its neighbours') steps through the horizon; its input is the context, that day's forcings and the
+   previous day's discharge (observed with the teacher-forcing probability, else its own
+   prediction); the hidden state is detached between steps;
+6. **bounded head**: ``sigmoid(logit(q_prev) + scale * (w h + b) + shift)`` with learnable
+   scale and shift: the prediction lives on the normalised target scale ``q / q_max`` in
+   (0, 1) (the data module's :class:`~fastcore.data.basin.DischargeScaler` maps it back
+   exactly), and the zero-initialised ``w`` makes the untrained model forecast persistence,
+   so training learns the day-to-day change.
+
+Guards: non-finite inputs are replaced with 0 (``nan_to_num``) and logits are clamped to
+``[-logit_clamp, logit_clamp]``; every trigger is counted in :attr:`guard_counts` (a dict
+of tensors the job logs), never silent.
+
+``layers="reference"`` builds the same model (same parameters, same results) on the
+reference layers — the per-time-step loop of the original code — for the throughput
+benchmark.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastcore.graph import Graph, Hierarchy
+from fastcore.nn import GraphPooling, GraphUnpooling, SpatioTemporalBlock
+from fastcore.nn.spatiotemporal import EdgeGate
+from fastcore.ops import spmm
+from fastcore.reference import spatiotemporal as reference_st
+
+
+class _Guards:
+    """Counts of guard triggers, accumulated as tensors (no device sync per step)."""
+
+    names = ("nonfinite_inputs", "clamped_logits")
+
+    def __init__(self) -> None:
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().to(torch.float64)
+        self.counts[name] = self.counts[name] + value if name in self.counts else value
+
+    def pop(self) -> dict[str, float]:
+        out = {k: float(v) for k, v in self.counts.items()}
+        self.counts = {}
+        return out
+
+
+def _nan_guard(x: torch.Tensor, guards: _Guards) -> torch.Tensor:
+    bad = ~torch.isfinite(x)
+    guards.add("nonfinite_inputs", bad.sum())
+    return torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x)
+
+
+class BoundedHead(nn.Module):
+    """``(..., hidden), base (...) -> (...)`` in (0, 1):
+    ``sigmoid(logit(base) + scale * (w h + b) + shift)``.
+
+    ``base`` is the previous day's normalised discharge (clamped to ``[eps, 1 - eps]``):
+    with the zero-initialised ``w`` the untrained head forecasts persistence, and training
+    learns the change. The logit is clamped (and counted) at ``+-clamp``.
+    """
+
+    def __init__(self, hidden: int, clamp: float = 15.0, eps: float = 1e-4) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.shift = nn.Parameter(torch.zeros(()))
+        self.clamp, self.eps = clamp, eps
+
+    def forward(self, h: torch.Tensor, base: torch.Tensor, guards: _Guards) -> torch.Tensor:
+        base_logit = torch.logit(base.clamp(self.eps, 1 - self.eps))
+        logit = base_logit + self.scale * self.linear(h).squeeze(-1) + self.shift
+        guards.add("clamped_logits", (logit.detach().abs() > self.clamp).sum())
+        return torch.sigmoid(logit.clamp(-self.clamp, self.clamp))
+
+
+class FeatureMLP(nn.Module):
+    """``h + W2_f gelu(W1_f h + b1_f) + b2_f`` on ``(B, T, N, F, H)``: a residual two-layer
+    MLP per variable f (its own weights), the nonlinearity between SpatioTemporalBlocks."""
+
+    def __init__(self, num_features: int, hidden: int, expand: int = 2) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(num_features, hidden, expand * hidden) * hidden**-0.5)
+        self.b1 = nn.Parameter(torch.zeros(num_features, expand * hidden))
+        self.w2 = nn.Parameter(
+            torch.randn(num_features, expand * hidden, hidden) * (expand * hidden) ** -0.5 * 0.5
+        )
+        self.b2 = nn.Parameter(torch.zeros(num_features, hidden))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        u = torch.nn.functional.gelu(torch.einsum("btnfh,fhk->btnfk", h, self.w1) + self.b1)
+        return h + torch.einsum("btnfk,fkh->btnfh", u, self.w2) + self.b2
+
+
+class RiverGRUCell(nn.Module):
+    """A GRU cell per basin whose input is its own ``x`` next to what its upstream and
+    downstream neighbours hold: ``h' = GRU([x, A [x, h]], h)``, ``A`` the river graph
+    weighted by a learned gate over the edge attributes (one :func:`fastcore.ops.spmm`
+    call per step). Unlike :class:`~fastcore.nn.GraphGRUCell`, whose gates read only the
+    graph-mixed input, the basin's own input and state enter at full weight."""
+
+    def __init__(self, input_size: int, hidden: int, edge_dim: int = 3) -> None:
+        super().__init__()
+        self.gate = EdgeGate(edge_dim, "sym")
+        self.cell = nn.GRUCell(2 * input_size + hidden, hidden)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, graph: Graph) -> torch.Tensor:
+        """``x (B, N, I)``, ``h (B, N, H)`` -> ``h' (B, N, H)``."""
+        batch, nodes, _ = x.shape
+        own = torch.cat([x, h], -1)
+        mixed = spmm(own, graph, self.gate(graph, x.dtype), dim=1)
+        out = self.cell(
+            torch.cat([x, mixed], -1).reshape(batch * nodes, -1), h.reshape(batch * nodes, -1)
+        )
+        return out.view(batch, nodes, -1)
+
+
+class _Decoder(nn.Module):
+    """The autoregressive part shared by both models: ``steps`` days from a context."""
+
+    def __init__(self, context: int, num_forcings: int, hidden: int, graph_cell: bool) -> None:
+        super().__init__()
+        self.init = nn.Linear(context, hidden)
+        inputs = context + num_forcings + 1
+        self.cell = RiverGRUCell(inputs, hidden) if graph_cell else nn.GRUCell(inputs, hidden)
+        self.head = BoundedHead(hidden)
+
+    def forward(
+        self,
+        context: torch.Tensor,
+        last_q: torch.Tensor,
+        future: torch.Tensor,
+        teacher: torch.Tensor | None,
+        teacher_prob: float,
+        graph: Graph | None,
+        guards: _Guards,
+        detach_hidden: bool,
+    ) -> torch.Tensor:
+        """``context (B, N, C)``, ``last_q (B, N)``, ``future (B, S, N, Ff)``, ``teacher``
+        ``(B, S, N)`` observed targets (NaN: missing) -> predictions ``(B, S, N)``."""
+        batch, steps, nodes = future.shape[:3]
+        h = torch.tanh(self.init(context))
+        q_prev = last_q
+        preds = []
+        for k in range(steps):
+            inp = torch.cat([context, _nan_guard(future[:, k], guards), q_prev[..., None]], -1)
+            if graph is not None:
+                h = self.cell(inp, h, graph)
+            else:
+                flat = self.cell(inp.reshape(batch * nodes, -1), h.reshape(batch * nodes, -1))
+                h = flat.view(batch, nodes, -1)
+            q = self.head(h, q_prev, guards)
+            preds.append(q)
+            q_next = q.detach()
+            if teacher is not None and teacher_prob > 0:
+                observed = teacher[:, k]
+                use = torch.isfinite(observed) & (
+                    torch.rand(observed.shape, device=observed.device) < teacher_prob
+                )
+                q_next = torch.where(use, observed.nan_to_num(0.0), q_next)
+            q_prev = q_next
+            if detach_hidden:
+                h = h.detach()
+        return torch.stack(preds, 1)
+
+
+class HierarchicalBasinModel(nn.Module):
+    """The multi-scale spatiotemporal basin forecaster (see the module docstring).
+
+    Args:
+        hierarchy: fine -> medium -> coarse :class:`~fastcore.Hierarchy` whose
+            ``num_features`` equals ``num_inputs``; river graphs carry ``[E, 3]`` edge
+            attributes (``BasinNetwork.to_hierarchy``).
+        static: ``[N_fine, S]`` static basin attributes (normalised).
+        num_inputs: F, the input variables per basin and day (the causal graph's features).
+        num_forcings: the forcings known over the horizon (the decoder's inputs).
+        hidden: H, the latent width per (basin, variable).
+        blocks: SpatioTemporalBlocks per level on the way down (one more on the way up).
+        kernel_size: the blocks' causal temporal kernel.
+        q_feature: which input variable is the (normalised) discharge.
+        decoder_hidden: the width of the decoder's graph GRU state.
+        layers: ``"fastcore"`` or ``"reference"`` (the per-time-step loop, for benchmarks).
+    """
+
+    def __init__(
+        self,
+        hierarchy: Hierarchy,
+        static: torch.Tensor,
+        num_inputs: int,
+        num_forcings: int,
+        hidden: int = 16,
+        blocks: int = 1,
+        kernel_size: int = 3,
+        q_feature: int = -1,
+        layers: str = "fastcore",
+        detach_hidden: bool = True,
+        decoder_hidden: int = 32,
+    ) -> None:
+        super().__init__()
+        if hierarchy.num_levels != 3:
+            raise ValueError(f"the basin model needs 3 levels, got {hierarchy.level_names}")
+        if hierarchy.num_features != num_inputs:
+            raise ValueError(
+                f"hierarchy.num_features {hierarchy.num_features} != num_inputs {num_inputs}"
+            )
+        if static.dim() != 2 or static.shape[0] != hierarchy.num_nodes[0]:
+            raise ValueError(
+                f"static must be [N_fine={hierarchy.num_nodes[0]}, S], got {tuple(static.shape)}"
+            )
+        if layers not in ("fastcore", "reference"):
+            raise ValueError(f"layers must be 'fastcore' or 'reference', got {layers!r}")
+        self.hierarchy = hierarchy
+        self.layers = layers
+        self.num_inputs, self.hidden = num_inputs, hidden
+        self.q_feature = q_feature % num_inputs
+        self.detach_hidden = detach_hidden
+        self.register_buffer("static", static.float())
+        self.in_weight = nn.Parameter(torch.randn(num_inputs, hidden) * 0.5)
+        self.in_bias = nn.Parameter(torch.zeros(num_inputs, hidden))
+        self.static_proj = nn.Linear(static.shape[1], hidden)
+
+        def stack(n: int) -> nn.ModuleList:
+            return nn.ModuleList(
+                SpatioTemporalBlock(num_inputs, hidden, kernel_size, river_edge_dim=3)
+                for _ in range(n)
+            )
+
+        self.down = nn.ModuleList(stack(blocks) for _ in range(3))
+        self.up = nn.ModuleList(stack(1) for _ in range(2))
+        self.mlps = nn.ModuleList(FeatureMLP(num_inputs, hidden) for _ in range(5))
+        self.pool = GraphPooling("mean")
+        self.unpool = GraphUnpooling()
+        self.unpool_nodes = GraphUnpooling(dim=1)  # (B, N, F, H) states of the last step
+        self.fusion = nn.Parameter(torch.zeros(3))
+        width = num_inputs * hidden
+        self.readout = nn.Sequential(
+            nn.Linear(2 * width, decoder_hidden),
+            nn.GELU(),
+            nn.Linear(decoder_hidden, decoder_hidden),
+        )
+        self.decoder = _Decoder(decoder_hidden, num_forcings, decoder_hidden, graph_cell=True)
+        self.guards = _Guards()
+
+    def _block(self, block: SpatioTemporalBlock, h: torch.Tensor, level: int) -> torch.Tensor:
+        river, causal = self.hierarchy.graphs(level)
+        if self.layers == "reference":
+            return reference_st.spatiotemporal_block(block, h, river, causal)
+        return block(h, river, causal)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, T, N, F)`` -> the context ``(B, N, decoder_hidden)``."""
+        x = _nan_guard(x, self.guards)
+        h = x[..., None] * self.in_weight + self.in_bias
+        h = h + self.static_proj(self.static)[:, None, :]
+        states = []
+        for level in range(3):
+            if level:
+                h = self.pool(h, self.hierarchy, level - 1)
+            for block in self.down[level]:
+                h = self._block(block, h, level)
+            h = self.mlps[level](h)
+            states.append(h)
+        for level in (1, 0):  # coarse -> medium -> fine guidance
+            h = self.unpool(h, self.hierarchy, level, skip=states[level])
+            h = self.mlps[3 + level](self._block(self.up[level][0], h, level))
+            states[level] = h
+        last = [s[:, -1] for s in states]  # (B, N_l, F, H)
+        medium_on_fine = self.unpool_nodes(last[1], self.hierarchy, 0)
+        coarse_on_fine = self.unpool_nodes(
+            self.unpool_nodes(last[2], self.hierarchy, 1), self.hierarchy, 0
+        )
+        w = torch.softmax(self.fusion, 0)
+        fused = w[0] * last[0] + w[1] * medium_on_fine + w[2] * coarse_on_fine
+        summary = states[0].mean(1)  # the fine state averaged over the window
+        return self.readout(torch.cat([fused.flatten(2), summary.flatten(2)], -1))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        future: torch.Tensor,
+        teacher: torch.Tensor | None = None,
+        teacher_prob: float = 0.0,
+    ) -> torch.Tensor:
+        """``x (B, T, N, F)`` past inputs, ``future (B, S, N, Ff)`` horizon forcings,
+        ``teacher (B, S, N)`` observed normalised targets for scheduled sampling ->
+        normalised discharge forecasts ``(B, S, N)`` in (0, 1)."""
+        if (
+            x.dim() != 4
+            or x.shape[2] != self.hierarchy.num_nodes[0]
+            or x.shape[3] != self.num_inputs
+        ):
+            raise ValueError(
+                f"x must be (B, T, N={self.hierarchy.num_nodes[0]}, F={self.num_inputs}), "
+                f"got {tuple(x.shape)}"
+            )
+        context = self.encode(x)
+        last_q = _nan_guard(x[:, -1, :, self.q_feature], self.guards)
+        return self.decoder(
+            context,
+            last_q,
+            future,
+            teacher,
+            teacher_prob,
+            self.hierarchy.graphs(0)[0],
+            self.guards,
+            self.detach_hidden,
+        )
+
+    def sanity_report(self) -> str:
+        return self.hierarchy.report()
+
+
+class BasinGRU(nn.Module):
+    """The graph-free baseline: one GRU per basin (shared weights, basins independent)
+    over the lookback window, then the same autoregressive decoder and bounded head
+    without a graph."""
+
+    def __init__(
+        self,
+        num_inputs: int,
+        num_forcings: int,
+        static: torch.Tensor,
+        hidden: int = 64,
+        q_feature: int = -1,
+        detach_hidden: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_inputs = num_inputs
+        self.q_feature = q_feature % num_inputs
+        self.detach_hidden = detach_hidden
+        self.register_buffer("static", static.float())
+        self.encoder = nn.GRU(num_inputs + static.shape[1], hidden, batch_first=True)
+        self.decoder = _Decoder(hidden, num_forcings, hidden, graph_cell=False)
+        self.guards = _Guards()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        future: torch.Tensor,
+        teacher: torch.Tensor | None = None,
+        teacher_prob: float = 0.0,
+    ) -> torch.Tensor:
+        batch, steps, nodes, _ = x.shape
+        x = _nan_guard(x, self.guards)
+        static = self.static[None, None].expand(batch, steps, -1, -1)
+        seq = torch.cat([x, static], -1).permute(0, 2, 1, 3).reshape(batch * nodes, steps, -1)
+        _, h = self.encoder(seq)
+        context = h[-1].view(batch, nodes, -1)
+        last_q = x[:, -1, :, self.q_feature]
+        return self.decoder(
+            context, last_q, future, teacher, teacher_prob, None, self.guards, self.detach_hidden
+        )

@@ -1,0 +1,272 @@
+"""The basin job's pieces: windows and normalisation, the hierarchical model against its
+reference-layer twin, the rollout guards, the baselines, the report, end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastcore.data.basin import (
+    INPUTS,
+    BasinSeries,
+    BasinWindows,
+    DischargeScaler,
+    Prepared,
+    prepare,
+    static_attributes,
+)
+from fastcore.data.synthetic import synthetic_network
+from fastcore.models.basin import BasinGRU, HierarchicalBasinModel
+from fastcore.train.__main__ import resolve_config, run
+from fastcore.train.basin import causal_edges
+from fastcore.train.basin_report import climatology_forecast, persistence, report
+
+FAST = [
+    "log.progress=false",
+    "log.tensorboard=false",
+    "data.network=synthetic",
+    "data.synthetic_basins=14",
+    "data.years=2",
+    "data.lookback=8",
+    "data.horizon=3",
+    "model.hidden=4",
+    "train.epochs=1",
+    "train.max_steps=4",
+    "train.batch_size=8",
+    "train.threads=1",
+]
+
+
+def small_series(days=120, basins=6, missing=True) -> BasinSeries:
+    g = torch.Generator().manual_seed(0)
+    forcings = torch.rand(days, basins, 3, generator=g) * torch.tensor([5.0, 10.0, 2.0])
+    discharge = 10 + 5 * torch.rand(days, basins, generator=g)
+    if missing:
+        forcings[5, 1, 0] = float("nan")
+        discharge[[10, 11, 100], 2] = float("nan")
+    return BasinSeries(
+        forcings=forcings,
+        discharge=discharge,
+        static=torch.rand(basins, 4, generator=g),
+        doy=torch.arange(days) % 365 + 1,
+    )
+
+
+def test_windows_normalisation_and_missing_values(tmp_path):
+    series = small_series()
+    data = prepare(series, (0.6, 0.2, 0.2), cache=tmp_path / "cache.pt")
+    assert data.splits == {"train": (0, 72), "val": (72, 96), "test": (96, 120)}
+    assert not torch.isnan(data.inputs).any() and not torch.isnan(data.future).any()
+    assert data.missing == {"forcings": 1, "discharge": 3}
+    assert torch.isnan(data.target[[10, 11, 100], 2]).all()
+    assert data.inputs[10, 2, INPUTS.index("discharge_observed")] == 0
+    assert data.inputs[9, 2, INPUTS.index("discharge_observed")] == 1
+    # statistics from the training days only: changing later days changes nothing
+    later = small_series()
+    later.forcings[80:] += 100.0
+    later.discharge[80:] *= 50.0
+    again = prepare(later, (0.6, 0.2, 0.2))
+    assert torch.equal(again.forcing_mean, data.forcing_mean)
+    assert torch.equal(again.q_max, data.q_max)
+    train_max = torch.nan_to_num(series.discharge[:72], nan=-1).amax(0)
+    torch.testing.assert_close(data.q_max, 1.5 * train_max)
+    cached = Prepared.load(tmp_path / "cache.pt")  # weights_only=True inside
+    assert torch.equal(cached.inputs, data.inputs) and cached.splits == data.splits
+
+    val = BasinWindows(data, "val", lookback=7, horizon=3)
+    x, future, y = val[0]
+    assert x.shape == (7, 6, 5) and future.shape == (3, 6, 3) and y.shape == (3, 6)
+    assert int(val.origins[0]) == 71 and int(val.origins[-1]) == 92  # targets 72 .. 95
+    assert torch.equal(y, data.target[72:75])
+    strided = BasinWindows(data, "val", 7, 3, stride=4)
+    assert strided.origins.tolist() == val.origins[::4].tolist()
+    with pytest.raises(ValueError, match="too short for lookback 7 \\+ horizon 30"):
+        BasinWindows(data, "val", 7, 30)
+    with pytest.raises(ValueError, match="split must be one of train, val, test, got 'dev'"):
+        BasinWindows(data, "dev", 7, 3)
+
+
+def test_discharge_scaler_is_exactly_invertible():
+    q = torch.tensor([[1.0, 0.0, float("nan")], [4.0, 0.0, float("nan")]])
+    scaler = DischargeScaler.fit(q, headroom=2.0)
+    assert scaler.q_max.tolist() == [8.0, 1.0, 1.0]  # all-zero and all-missing basins -> 1
+    x = torch.rand(5, 3, dtype=torch.float64) * 10
+    assert torch.equal(scaler.inverse(scaler.transform(x)), x)
+    with pytest.raises(ValueError, match="q_max must be > 0"):
+        DischargeScaler(torch.tensor([1.0, 0.0]))
+
+
+def tiny_model(layers="fastcore", hidden=4):
+    net = synthetic_network(14, seed=3)
+    hierarchy = net.to_hierarchy(
+        num_features=len(INPUTS),
+        causal_edges=[causal_edges(lv.num_basins).numpy() for lv in net.levels],
+    )
+    torch.manual_seed(0)
+    model = HierarchicalBasinModel(
+        hierarchy,
+        static_attributes(net.levels[0]),
+        num_inputs=len(INPUTS),
+        num_forcings=3,
+        hidden=hidden,
+        q_feature=INPUTS.index("discharge"),
+        layers=layers,
+    )
+    with torch.no_grad():  # a trained-looking head (it starts at zero: persistence)
+        model.decoder.head.linear.weight.normal_(0.0, 0.5)
+    return net, model
+
+
+def inputs(n, batch=2, steps=9, horizon=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, steps, n, len(INPUTS), generator=g)
+    future = torch.randn(batch, horizon, n, 3, generator=g)
+    y = torch.rand(batch, horizon, n, generator=g)
+    return x, future, y
+
+
+def test_model_matches_its_reference_layer_twin():
+    net, fast = tiny_model("fastcore")
+    _, ref = tiny_model("reference")
+    ref.load_state_dict(fast.state_dict())
+    x, future, y = inputs(net.levels[0].num_basins)
+    out = fast(x, future)
+    assert out.shape == y.shape and ((out > 0) & (out < 1)).all()
+    expected = ref(x, future)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad((out - y).square().sum(), list(fast.parameters()))
+    ref_grads = torch.autograd.grad((expected - y).square().sum(), list(ref.parameters()))
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    assert all(g.abs().sum() > 0 for g in grads[:3])  # the input latents learn
+
+
+def test_guards_count_and_never_pass_nan():
+    net, model = tiny_model()
+    n = net.levels[0].num_basins
+    x, future, _ = inputs(n)
+    x[0, 3, 2, 0] = float("nan")
+    future[1, 0, 4, 1] = float("inf")
+    out = model(x, future)
+    assert torch.isfinite(out).all()
+    counts = model.guards.pop()
+    assert counts["nonfinite_inputs"] == 2.0 and counts["clamped_logits"] == 0.0
+    with torch.no_grad():
+        model.decoder.head.scale.fill_(1e4)  # saturate: every logit hits the clamp
+        model.decoder.head.linear.bias.fill_(1.0)
+    out = model(*inputs(n)[:2])
+    counts = model.guards.pop()
+    assert counts["clamped_logits"] == out.numel()
+    assert model.guards.pop() == {}  # popped counts reset
+
+
+def test_teacher_forcing_and_detached_hidden_state():
+    net, model = tiny_model()
+    x, future, y = inputs(net.levels[0].num_basins)
+    free = model(x, future)
+    forced = model(x, future, teacher=y, teacher_prob=1.0)
+    assert torch.equal(free[:, 0], forced[:, 0])  # step 1 sees no teacher yet
+    assert not torch.allclose(free[:, 1:], forced[:, 1:])
+    # detached between steps: the last step's loss reaches the decoder's init only
+    # through the context, not through earlier hidden states
+    model.decoder.init.weight.grad = None
+    forced[:, -1].sum().backward()
+    assert model.decoder.init.weight.grad is None or model.decoder.init.weight.grad.abs().sum() == 0
+
+
+def test_gru_baseline_shapes_and_bad_inputs():
+    static = torch.rand(6, 4)
+    gru = BasinGRU(len(INPUTS), 3, static, hidden=8)
+    x, future, _ = inputs(6)
+    assert gru(x, future).shape == (2, 4, 6)
+    _, model = tiny_model()
+    with pytest.raises(ValueError, match=r"x must be \(B, T, N=14, F=5\)"):
+        model(torch.zeros(2, 9, 13, 5), future)
+
+
+def test_persistence_and_climatology_baselines():
+    data = prepare(small_series(days=1000), (0.8, 0.1, 0.1))  # 800 training days
+    w = BasinWindows(data, "test", lookback=5, horizon=3)
+    p = persistence(w, data)
+    t = int(w.origins[0])
+    assert torch.equal(p[0, 0], data.target[t]) and torch.equal(p[0, 2], data.target[t])
+    c = climatology_forecast(w, data)
+    doy = int(data.doy[t + 1])
+    train_days = torch.nonzero(data.doy[:800] == doy).flatten()
+    assert train_days.numel() == 2
+    torch.testing.assert_close(c[0, 0], data.target[train_days].nanmean(0))
+
+
+def test_basin_job_trains_and_reports(tmp_path):
+    root = tmp_path / "runs"
+    common = [*FAST, f"data.cache_dir={tmp_path / 'cache'}"]
+    val = run(resolve_config("configs/basin.yaml", [*common, f"run_dir={root / 'hierarchical'}"]))
+    assert (
+        math.isfinite(val["val_nse"])
+        and "val_kge" in val
+        and val["val_guard_nonfinite_inputs"] == 0
+    )
+    log = (root / "hierarchical" / "train.log").read_text()
+    assert "[SANITY] Hierarchy SANITY: 3 levels" in log and "missing (filled with 0" in log
+    run(
+        resolve_config("configs/basin.yaml", [*common, "model.arch=gru", f"run_dir={root / 'gru'}"])
+    )
+    results = report(root)
+    assert set(results["models"]) == {"hierarchical", "gru", "persistence", "climatology"}
+    for name, per in results["models"].items():
+        assert math.isfinite(per["test"]["nse"]), name
+        assert len(per["test"]["nse_lead"]) == 3
+    for f in ("report.md", "loss.png", "hydrographs.png", "nse.png", "metrics.json"):
+        assert (root / f).is_file(), f
+    assert "| persistence |" in (root / "report.md").read_text()
+    with open(root / "predictions_test.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["origin_day", "lead", "basin", "predicted_m3s", "observed_m3s"]
+    assert len(rows) - 1 == results["predictions_test_rows"] > 0
+    assert json.loads((root / "metrics.json").read_text())["predictions_test_rows"] == len(rows) - 1
+    assert np.isfinite(float(rows[1][3]))
+
+
+def test_station_network_levels():
+    from fastcore.data.stations import station_network
+
+    g = np.random.default_rng(0)
+    lat, lon = 51.5 + 3 * g.random(12), -10 + 4 * g.random(12)
+    net = station_network(lat, lon, "stations")
+    fine, medium, coarse = net.levels
+    assert (fine.num_basins, medium.num_basins, coarse.num_basins) == (12, 4, 1)
+    assert np.bincount(fine.parent).tolist() == [3, 3, 3, 3]  # median splits of 12
+    assert fine.num_edges == 36 and (fine.river_edges[0] != fine.river_edges[1]).all()
+    for r in range(4):  # a region's centroid is its stations' mean position
+        assert medium.lat[r] == pytest.approx(lat[fine.parent == r].mean())
+    assert coarse.num_edges == 0 and (medium.parent == 0).all()
+    hierarchy = net.to_hierarchy(num_features=len(INPUTS))
+    assert hierarchy.num_nodes == (12, 4, 1)
+    with pytest.raises(ValueError, match="need >= 4 stations"):
+        station_network(lat[:3], lon[:3], "few")
+
+
+def test_wind_job_runs_on_the_real_data(tmp_path):
+    from fastcore.data.wind import wind_path
+
+    if not wind_path().is_file():
+        pytest.skip("the wind data is not fetched (python scripts/fetch_wind.py)")
+    val = run(
+        resolve_config(
+            "configs/wind.yaml",
+            [
+                f"run_dir={tmp_path / 'wind'}",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                "log.progress=false",
+                "log.tensorboard=false",
+                "train.max_steps=3",
+                "data.val_stride=20",
+            ],
+        )
+    )
+    assert math.isfinite(val["val_nse"]) and val["val_missing_targets"] == 0
