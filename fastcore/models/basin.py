@@ -361,6 +361,13 @@ class BasinGRU(nn.Module):
         teacher: torch.Tensor | None = None,
         teacher_prob: float = 0.0,
     ) -> torch.Tensor:
+        """The same contract as :meth:`HierarchicalBasinModel.forward`: ``x (B, T, N, F)``,
+        ``future (B, S, N, Ff)``, optional ``teacher (B, S, N)`` -> ``(B, S, N)`` in (0, 1)."""
+        if x.dim() != 4 or x.shape[2] != self.static.shape[0] or x.shape[3] != self.num_inputs:
+            raise ValueError(
+                f"x must be (B, T, N={self.static.shape[0]}, F={self.num_inputs}), "
+                f"got {tuple(x.shape)}"
+            )
         batch, steps, nodes, _ = x.shape
         x = _nan_guard(x, self.guards)
         static = self.static[None, None].expand(batch, steps, -1, -1)

@@ -8,7 +8,6 @@ field with its default and documentation.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 import torch
@@ -24,7 +23,14 @@ from fastcore.train.config import (
 )
 from fastcore.train.distributed import setup, teardown
 from fastcore.train.jobs import JobContext, load_job
-from fastcore.train.trainer import Trainer, TrainingDiverged, configure_logging, seed_everything
+from fastcore.train.trainer import (
+    Trainer,
+    TrainingDiverged,
+    close_logging,
+    configure_logging,
+    log_to_files,
+    seed_everything,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,9 +80,13 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, float]:
         )
         parts = load_job(cfg.job).build(cfg, ctx)
         return Trainer(cfg, parts, dist_info).fit(resume)
+    except Exception as error:
+        log_to_files(f"fastcore.train: error: {type(error).__name__}: {error}")
+        raise
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.set_num_threads(saved[2])
+        close_logging()
         teardown()
 
 
@@ -104,11 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         TrainingDiverged,
         ValueError,
     ) as e:
-        logger = logging.getLogger("fastcore")
-        if logger.handlers:  # the run's log is set up: the error goes to stderr and train.log
-            logger.error("fastcore.train: error: %s: %s", type(e).__name__, e)
-        else:
-            print(f"fastcore.train: error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"fastcore.train: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 JOBS: dict[str, str] = {
     "example": "fastcore.train.example",
     "basin": "fastcore.train.basin",
+    "kv_distill": "fastcore.train.kv_distill",
 }
 
 

@@ -561,13 +561,28 @@ class Trainer:
         log.info("[MEM] step %d: %s", self.step, "  ".join(f"{k} {v:.1f}" for k, v in mem.items()))
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is at emit time."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(run_dir: Path, rank: int) -> None:
     """Rank 0 logs INFO to stderr and to ``<run_dir>/train.log``; other ranks warnings only."""
+    close_logging()
     logger = logging.getLogger("fastcore")
-    logger.handlers.clear()
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    stream = logging.StreamHandler(sys.stderr)
+    stream = _CurrentStderr()
     stream.setFormatter(fmt)
     logger.addHandler(stream)
     if rank == 0:
@@ -576,3 +591,20 @@ def configure_logging(run_dir: Path, rank: int) -> None:
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     logger.propagate = False
+
+
+def log_to_files(message: str) -> None:
+    """``message`` as an ERROR line in the run's log file only (stderr gets it elsewhere)."""
+    logger = logging.getLogger("fastcore")
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def close_logging() -> None:
+    """Detach and close the handlers :func:`configure_logging` added."""
+    logger = logging.getLogger("fastcore")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
