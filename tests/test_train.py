@@ -187,9 +187,10 @@ def test_nan_gradients_in_a_row_stop_the_run(tmp_path, capsys):
     with pytest.raises(TrainingDiverged, match=r"3 optimizer steps in a row \(up to step 5\)"):
         run(config(run_dir, "debug.nan_grad_steps=[3,4,5,6]", "train.nan_patience=3"))
     # the error also ends the run's log file
-    assert "ERROR fastcore.train: error: TrainingDiverged: 3 optimizer steps in a row" in (
-        run_dir / "train.log"
-    ).read_text()
+    assert (
+        "ERROR fastcore.train: error: TrainingDiverged: 3 optimizer steps in a row"
+        in (run_dir / "train.log").read_text()
+    )
     code = main(
         [
             "--config",
@@ -251,7 +252,9 @@ def test_config_errors_name_the_key(tmp_path, capsys):
         resolve_config(str(CONFIG), [*base, "train.lr"])
     with pytest.raises(FileNotFoundError, match=r"config file 'nope\.yaml' does not exist"):
         resolve_config("nope.yaml", [])
-    with pytest.raises(ValueError, match="unknown job 'basinz'; registered jobs: basin, example, kv_distill"):
+    with pytest.raises(
+        ValueError, match="unknown job 'basinz'; registered jobs: basin, example, kv_distill"
+    ):
         resolve_config(str(CONFIG), [*base, "job=basinz"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")

@@ -2,11 +2,13 @@
 
 from fastcore.models.basin import BasinGRU, HierarchicalBasinModel
 from fastcore.models.kv_distill import KVDistiller, KVDistillOutput, build_tiny_qwen2_pair
+from fastcore.models.temporal_llm import TemporalLLMWrapper
 
 __all__ = [
     "BasinGRU",
     "HierarchicalBasinModel",
     "KVDistillOutput",
     "KVDistiller",
+    "TemporalLLMWrapper",
     "build_tiny_qwen2_pair",
 ]

@@ -3,6 +3,7 @@
 from fastcore.nn.kv import KVProjector, MultiTeacherKVProjector
 from fastcore.nn.pooling import GraphPooling, GraphUnpooling
 from fastcore.nn.spatiotemporal import EdgeGate, GraphGRUCell, SpatioTemporalBlock
+from fastcore.nn.temporal import TemporalEncoder
 
 __all__ = [
     "EdgeGate",
@@ -12,4 +13,5 @@ __all__ = [
     "KVProjector",
     "MultiTeacherKVProjector",
     "SpatioTemporalBlock",
+    "TemporalEncoder",
 ]

@@ -1,0 +1,111 @@
+"""The temporal encoder: resource curves -> prefix embeddings a causal LLM can read.
+
+``curves (B, T, C)`` with a validity ``mask (B, T)`` (variable lengths, padded on the right)
+go through parallel 1D convolution branches (kernel sizes 3, 5, 7 by default, ``depth``
+layers each, GELU), masked adaptive pooling to ``k`` segments (mean and max over the valid
+steps of each segment), and a projector ``Linear -> GELU -> Linear -> LayerNorm`` into the
+LLM's hidden size: ``(B, k, d_model)``. Padded steps never reach the output: they are zeroed
+before every convolution and excluded from the pooling.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def masked_segment_pool(h: torch.Tensor, mask: torch.Tensor, segments: int) -> torch.Tensor:
+    """``h (B, T, D)``, ``mask (B, T)`` -> ``(B, segments, 2 D)``: per sample, its valid steps
+    split into ``segments`` equal spans (by position within the valid length), each reduced
+    to ``[mean, max]``. A span with no valid step (a sequence shorter than ``segments``)
+    gets zeros."""
+    batch, steps = h.shape[:2]
+    lengths = mask.sum(1).clamp_min(1)  # (B,)
+    position = torch.arange(steps, device=h.device)[None, :].expand(batch, -1)
+    segment = (position * segments) // lengths[:, None]  # (B, T) in [0, segments) when valid
+    onehot = F.one_hot(segment.clamp_max(segments - 1), segments).to(h.dtype)
+    onehot = onehot * mask[..., None].to(h.dtype)  # (B, T, S)
+    counts = onehot.sum(1)  # (B, S)
+    mean = torch.einsum("bts,btd->bsd", onehot, h) / counts.clamp_min(1)[..., None]
+    neg = torch.finfo(h.dtype).min
+    expanded = h[:, :, None, :].masked_fill(onehot[..., None] == 0, neg)  # (B, T, S, D)
+    peak = expanded.amax(1)
+    peak = torch.where(counts[..., None] > 0, peak, torch.zeros((), dtype=h.dtype, device=h.device))
+    return torch.cat([mean, peak], -1)
+
+
+class TemporalEncoder(nn.Module):
+    """Multi-kernel 1D-CNN + masked pooling + projector (see the module docstring).
+
+    Args:
+        channels: C, the variables per step (4 resources).
+        d_model: the LLM's hidden size (read it from the LLM's config).
+        width: channels of each convolution branch.
+        kernel_sizes: one branch per size (odd sizes keep the length).
+        depth: convolution layers per branch.
+        prefix_tokens: k, the embeddings produced per curve.
+        scale: optional ``[C]`` divisors applied to the input (e.g. each resource's bound).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        d_model: int,
+        width: int = 64,
+        kernel_sizes: tuple[int, ...] = (3, 5, 7),
+        depth: int = 2,
+        prefix_tokens: int = 1,
+        scale: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if not kernel_sizes or any(k < 1 or k % 2 == 0 for k in kernel_sizes):
+            raise ValueError(f"kernel_sizes must be odd and >= 1, got {kernel_sizes}")
+        if depth < 1 or prefix_tokens < 1 or width < 1:
+            raise ValueError(
+                f"depth, prefix_tokens and width must be >= 1, got {depth}, {prefix_tokens}, {width}"
+            )
+        self.channels, self.d_model, self.prefix_tokens = channels, d_model, prefix_tokens
+        self.branches = nn.ModuleList(
+            nn.ModuleList(
+                nn.Conv1d(channels if i == 0 else width, width, k, padding=k // 2)
+                for i in range(depth)
+            )
+            for k in kernel_sizes
+        )
+        pooled = 2 * width * len(kernel_sizes)
+        self.projector = nn.Sequential(
+            nn.Linear(pooled, d_model),
+            nn.GELU(),
+            nn.Linear(d_model, d_model),
+            nn.LayerNorm(d_model),
+        )
+        for layer in self.projector:
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        self.register_buffer(
+            "scale",
+            torch.ones(channels) if scale is None else torch.as_tensor(scale, dtype=torch.float32),
+        )
+
+    def forward(self, curves: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``curves (B, T, C)``, ``mask (B, T)`` bool (None: all valid) -> ``(B, k, d_model)``."""
+        if curves.dim() != 3 or curves.shape[2] != self.channels:
+            raise ValueError(f"curves must be (B, T, C={self.channels}), got {tuple(curves.shape)}")
+        if mask is None:
+            mask = torch.ones(curves.shape[:2], dtype=torch.bool, device=curves.device)
+        if mask.shape != curves.shape[:2]:
+            raise ValueError(f"mask must be {tuple(curves.shape[:2])}, got {tuple(mask.shape)}")
+        mask = mask.bool()
+        keep = mask[:, None, :].to(curves.dtype)  # (B, 1, T)
+        x = (curves / self.scale.to(curves.dtype)).transpose(1, 2) * keep
+        outs = []
+        for branch in self.branches:
+            h = x
+            for conv in branch:
+                h = F.gelu(conv(h)) * keep
+            outs.append(h)
+        h = torch.cat(outs, 1).transpose(1, 2)  # (B, T, widths)
+        pooled = masked_segment_pool(h, mask, self.prefix_tokens)
+        return self.projector(pooled)
