@@ -39,7 +39,8 @@ Basins are sorted by id and edges by source basin, so the output is deterministi
 
 Usage: python scripts/derive_rhine.py [--sdist pyflwdir-0.5.12.tar.gz] [--out PATH]
        [--fine-km2 500] [--medium-km2 3000] [--coarse-km2 15000]
-Without ``--sdist`` the sdist is fetched with ``pip download`` into a temporary folder.
+Without ``--sdist`` the sdist is fetched once with ``pip download`` into ``data/pyflwdir/``
+(git-ignored) and reused from there.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ import itertools
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +63,7 @@ from fastcore.data.network import BasinLevel, BasinNetwork
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "fastcore" / "data" / "assets" / "rhine.npz"
+SDIST_CACHE = REPO_ROOT / "data" / "pyflwdir"
 SDIST_REQUIREMENT = "pyflwdir==0.5.12"
 SDIST_NAME = "pyflwdir-0.5.12.tar.gz"
 SDIST_SHA256 = "b7ac69ee90f09626a827a3db3648bf28781400171ec8ed432c46020cf048c32a"
@@ -430,7 +431,9 @@ def summary(network: BasinNetwork, thresholds_km2: tuple[float, ...]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--sdist", type=Path, help=f"a local {SDIST_NAME} (default: pip download it)"
+        "--sdist",
+        type=Path,
+        help=f"a local {SDIST_NAME} (default: data/pyflwdir/, pip-downloaded there once)",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the .npz to write")
     for name, default in zip(LEVEL_NAMES, DEFAULT_THRESHOLDS_KM2, strict=True):
@@ -443,9 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     thresholds = (args.fine_km2, args.medium_km2, args.coarse_km2)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        sdist = args.sdist if args.sdist is not None else download_sdist(Path(tmp))
-        grid = read_grid(sdist)
+    sdist = args.sdist
+    if sdist is None:
+        sdist = SDIST_CACHE / SDIST_NAME
+        if not sdist.is_file():
+            SDIST_CACHE.mkdir(parents=True, exist_ok=True)
+            sdist = download_sdist(SDIST_CACHE)
+    grid = read_grid(sdist)
     network = derive_network(grid, thresholds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     network.save(args.out)

@@ -29,6 +29,7 @@ Usage: python scripts/fetch_wind.py [--deb PATH] [--out PATH]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -125,18 +126,14 @@ def _data_tar(deb: Path) -> tarfile.TarFile:
 
 def _unzstd(body: bytes, deb: Path) -> bytes:
     """A zstd-compressed tarball, decompressed by a Python zstd module or ``dpkg-deb``."""
-    try:
+    with contextlib.suppress(ImportError):
         from compression import zstd  # Python >= 3.14
 
         return zstd.decompress(body)
-    except ImportError:
-        pass
-    try:
+    with contextlib.suppress(ImportError):
         import zstandard
 
         return zstandard.ZstdDecompressor().decompressobj().decompress(body)
-    except ImportError:
-        pass
     if shutil.which("dpkg-deb") is None:
         raise RuntimeError(
             f"{deb}: data.tar.zst needs a zstd module (zstandard) or dpkg-deb, found neither"

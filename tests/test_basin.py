@@ -195,6 +195,12 @@ def test_persistence_and_climatology_baselines():
     p = persistence(w, data)
     t = int(w.origins[0])
     assert torch.equal(p[0, 0], data.target[t]) and torch.equal(p[0, 2], data.target[t])
+    # a missing day carries the last observation forward (days 10 and 11 of basin 2)
+    train = BasinWindows(data, "train", lookback=5, horizon=3)
+    at = int(torch.nonzero(train.origins == 11)[0])
+    held = persistence(train, data)[at]
+    assert torch.isnan(data.target[11, 2]) and held[0, 2] == data.target[9, 2]
+    assert torch.equal(held[:, 0], data.target[11, 0].expand(3))
     c = climatology_forecast(w, data)
     doy = int(data.doy[t + 1])
     train_days = torch.nonzero(data.doy[:800] == doy).flatten()
@@ -230,6 +236,19 @@ def test_basin_job_trains_and_reports(tmp_path):
     assert len(rows) - 1 == results["predictions_test_rows"] > 0
     assert json.loads((root / "metrics.json").read_text())["predictions_test_rows"] == len(rows) - 1
     assert np.isfinite(float(rows[1][3]))
+    # forecasting while writing (stream_predictions, two chunks of the report's batch of
+    # 64 windows) gives the same file
+    from fastcore.train.basin_report import load_run, stream_predictions
+
+    _, parts = load_run(root / "hierarchical")
+    test = BasinWindows(parts.val_set.data, "test", 8, 3)
+    assert len(test) > 64
+    streamed = root / "streamed.csv"
+    assert (
+        stream_predictions(parts.model, test, parts.val_set.data, streamed, "cpu", 64)
+        == len(rows) - 1
+    )
+    assert streamed.read_text() == (root / "predictions_test.csv").read_text()
 
 
 def test_station_network_levels():

@@ -208,6 +208,20 @@ class BasinWindows(Dataset):
             d.target[t + 1 : t + 1 + self.horizon],
         )
 
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Items ``indices`` stacked, gathered in one indexing step each:
+        ``(x [W, L, N, 5], future [W, S, N, 3], y [W, S, N])``."""
+        t = self.origins[torch.as_tensor(indices, dtype=torch.long)][:, None]
+        past = t + torch.arange(1 - self.lookback, 1)[None, :]
+        ahead = t + torch.arange(1, self.horizon + 1)[None, :]
+        d = self.data
+        return d.inputs[past], d.future[ahead], d.target[ahead]
+
+    def targets(self) -> torch.Tensor:
+        """``[W, S, N]``: every window's normalised targets (NaN where missing)."""
+        ahead = self.origins[:, None] + torch.arange(1, self.horizon + 1)[None, :]
+        return self.data.target[ahead]
+
 
 def climatology(data: Prepared) -> torch.Tensor:
     """``[366, N]`` mean normalised discharge per day of year over the training split

@@ -9,7 +9,6 @@ per level ``<level>/<field>`` for every field of :class:`BasinLevel`.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,10 +183,4 @@ class BasinNetwork:
             level_names=self.level_names,
             valid_basin_ids=[torch.as_tensor(lv.basin_id) for lv in self.levels],
             device=device,
-        )
-
-    def replace_level(self, name: str, **changes) -> BasinNetwork:
-        return BasinNetwork(
-            self.name,
-            [dataclasses.replace(lv, **changes) if lv.name == name else lv for lv in self.levels],
         )

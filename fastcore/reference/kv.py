@@ -23,9 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+from fastcore.reference.segment import _acc_dtype
 
 
 def resample_rows(

@@ -182,16 +182,22 @@ def basin_weights(prepared: Prepared) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, windows: BasinWindows, batch_size: int, device) -> torch.Tensor:
-    """Autoregressive forecasts ``[W, S, N]`` (normalised) for every window, in order."""
+def predict(
+    model: nn.Module,
+    windows: BasinWindows,
+    batch_size: int,
+    device,
+    indices: range | None = None,
+) -> torch.Tensor:
+    """Autoregressive forecasts ``[W, S, N]`` (normalised) for the windows ``indices``
+    (default: all), in order."""
+    indices = range(len(windows)) if indices is None else indices
     was_training = model.training
     model.eval()
     out = []
-    for start in range(0, len(windows), batch_size):
-        items = [windows[i] for i in range(start, min(start + batch_size, len(windows)))]
-        x = torch.stack([it[0] for it in items]).to(device)
-        future = torch.stack([it[1] for it in items]).to(device)
-        out.append(model(x, future).float().cpu())
+    for start in range(0, len(indices), batch_size):
+        x, future, _ = windows.batch(indices[start : start + batch_size])
+        out.append(model(x.to(device), future.to(device)).float().cpu())
     model.train(was_training)
     return torch.cat(out)
 
@@ -199,7 +205,7 @@ def predict(model: nn.Module, windows: BasinWindows, batch_size: int, device) ->
 def forecast_metrics(pred01: torch.Tensor, windows: BasinWindows, prepared: Prepared) -> dict:
     """Metrics of normalised forecasts ``[W, S, N]`` on the de-normalised discharge: per
     lead time, then the mean over leads of each basin-median."""
-    obs01 = torch.stack([windows[i][2] for i in range(len(windows))])
+    obs01 = windows.targets()
     scaler = prepared.scaler
     pred, obs = scaler.inverse(pred01), scaler.inverse(obs01)
     leads = [metrics.evaluate(pred[:, k], obs[:, k]) for k in range(pred.shape[1])]

@@ -9,7 +9,8 @@ mean for that day of year) baselines, and writes to ``--runs``:
 * ``metrics.json``: NSE, KGE, RMSE, MAE, R² per model and split (median over basins, mean
   over lead times, plus per lead), and the per-basin NSE on the test split;
 * ``predictions_test.csv``: every test forecast (origin day, lead, basin, predicted and
-  observed m³/s), streamed chunk by chunk (never all in memory);
+  observed m³/s), written chunk by chunk; :func:`stream_predictions` does the same while
+  forecasting, so a long inference never holds every forecast in memory;
 * ``report.md`` with ``loss.png`` (training loss and validation NSE of both runs),
   ``hydrographs.png`` (observed vs forecast at three gauges, lead 1) and ``nse.png``
   (per-basin test NSE of every model).
@@ -22,8 +23,10 @@ import csv
 import json
 import math
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fastcore import metrics
@@ -37,12 +40,14 @@ MODELS = ("hierarchical", "gru")
 
 
 def persistence(windows: BasinWindows, prepared: Prepared) -> torch.Tensor:
-    """``[W, S, N]``: the last observed (normalised) discharge at or before each origin."""
+    """``[W, S, N]``: the last observed (normalised) discharge at or before each origin
+    (0 before a basin's first observation)."""
     target = prepared.target
-    filled = target.clone()
-    for t in range(1, filled.shape[0]):  # forward fill over days, vectorised over basins
-        filled[t] = torch.where(torch.isnan(filled[t]), filled[t - 1], filled[t])
-    filled = torch.nan_to_num(filled, nan=0.0)
+    days = torch.arange(target.shape[0])[:, None].expand_as(target)
+    # the index of the latest observed day so far, per basin (-1: none yet)
+    latest = torch.where(torch.isfinite(target), days, -1).cummax(0).values
+    filled = torch.nan_to_num(target.gather(0, latest.clamp_min(0)), nan=0.0)
+    filled = torch.where(latest >= 0, filled, 0.0)
     last = filled[windows.origins]
     return last[:, None, :].expand(-1, windows.horizon, -1).clone()
 
@@ -54,36 +59,55 @@ def climatology_forecast(windows: BasinWindows, prepared: Prepared) -> torch.Ten
     return clim[prepared.doy[days] - 1]
 
 
-def stream_predictions(
-    model, windows: BasinWindows, prepared: Prepared, path: Path, device, chunk: int = 64
+def write_forecasts_csv(
+    path: Path,
+    windows: BasinWindows,
+    prepared: Prepared,
+    chunks: Iterable[tuple[int, torch.Tensor]],
 ) -> int:
-    """Write every forecast of ``windows`` to CSV, ``chunk`` windows at a time; rows."""
+    """Write forecasts arriving as ``(first window index, normalised [w, S, N])`` chunks to
+    CSV in m³/s, one chunk at a time (never all of them in memory); returns the rows."""
     scaler = prepared.scaler
+    horizon, nodes = windows.horizon, prepared.target.shape[1]
+    lead = np.repeat(np.arange(1, horizon + 1), nodes)
+    basin = np.tile(np.arange(nodes), horizon)
     rows = 0
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["origin_day", "lead", "basin", "predicted_m3s", "observed_m3s"])
-        for start in range(0, len(windows), chunk):
-            stop = min(start + chunk, len(windows))
-            part = torch.utils.data.Subset(windows, range(start, stop))
-            pred = scaler.inverse(predict(model, part, chunk, device))
-            obs = scaler.inverse(torch.stack([windows[i][2] for i in range(start, stop)]))
-            origins = windows.origins[start:stop]
-            for w in range(stop - start):
-                for k in range(pred.shape[1]):
-                    for n in range(pred.shape[2]):
-                        o = float(obs[w, k, n])
-                        writer.writerow(
-                            [
-                                int(origins[w]),
-                                k + 1,
-                                n,
-                                f"{float(pred[w, k, n]):.4f}",
-                                "" if math.isnan(o) else f"{o:.4f}",
-                            ]
-                        )
-                        rows += 1
+        for start, pred01 in chunks:
+            span = range(start, start + pred01.shape[0])
+            pred = scaler.inverse(pred01).reshape(len(span), -1).numpy()
+            obs = scaler.inverse(windows.batch(span)[2]).reshape(len(span), -1).numpy()
+            for w, origin in enumerate(windows.origins[start : span.stop].tolist()):
+                observed = ["" if np.isnan(o) else f"{o:.4f}" for o in obs[w]]
+                writer.writerows(
+                    zip(
+                        [origin] * lead.size,
+                        lead.tolist(),
+                        basin.tolist(),
+                        [f"{p:.4f}" for p in pred[w]],
+                        observed,
+                        strict=True,
+                    )
+                )
+            rows += pred.size
     return rows
+
+
+def stream_predictions(
+    model, windows: BasinWindows, prepared: Prepared, path: Path, device, chunk: int = 64
+) -> int:
+    """Forecast ``windows`` with ``model`` ``chunk`` windows at a time, each chunk written
+    to CSV before the next is computed: a long inference never holds all of them."""
+    chunks = (
+        (
+            start,
+            predict(model, windows, chunk, device, range(start, min(start + chunk, len(windows)))),
+        )
+        for start in range(0, len(windows), chunk)
+    )
+    return write_forecasts_csv(path, windows, prepared, chunks)
 
 
 def load_run(run_dir: Path):
@@ -128,7 +152,7 @@ def plots(out: Path, runs: dict[str, Path], test: dict, windows, prepared, gauge
     plt.close(fig)
 
     scaler = prepared.scaler
-    obs = scaler.inverse(torch.stack([windows[i][2] for i in range(len(windows))]))
+    obs = scaler.inverse(windows.targets())
     fig, axes = plt.subplots(len(gauges), 1, figsize=(11, 2.6 * len(gauges)), sharex=True)
     for ax, (n, label) in zip(axes, gauges, strict=True):
         days = windows.origins + 1
@@ -172,14 +196,12 @@ def report(runs_root: Path) -> dict:
         preds = {name: predict(p.model, windows, 64, "cpu") for name, (_, p) in loaded.items()}
         preds["persistence"] = persistence(windows, prepared)
         preds["climatology"] = climatology_forecast(windows, prepared)
+        obs = prepared.scaler.inverse(windows.targets())
         for name, pred in preds.items():
             m = forecast_metrics(pred, windows, prepared)
             results["models"].setdefault(name, {})[split] = m
             if split == "test":
                 test_store["pred"][name] = pred
-                obs = prepared.scaler.inverse(
-                    torch.stack([windows[i][2] for i in range(len(windows))])
-                )
                 basin = metrics.per_basin(prepared.scaler.inverse(pred[:, 0]), obs[:, 0])
                 test_store["nse_basin"][name] = basin["nse"]
         if split == "test":
@@ -188,12 +210,12 @@ def report(runs_root: Path) -> dict:
         k: [None if math.isnan(x) else x for x in v.tolist()]
         for k, v in test_store["nse_basin"].items()
     }
-    rows = stream_predictions(
-        loaded["hierarchical"][1].model,
+    test_pred = test_store["pred"]["hierarchical"]  # already computed: written in chunks
+    rows = write_forecasts_csv(
+        runs_root / "predictions_test.csv",
         test_windows,
         prepared,
-        runs_root / "predictions_test.csv",
-        "cpu",
+        ((s, test_pred[s : s + 64]) for s in range(0, test_pred.shape[0], 64)),
     )
     results["predictions_test_rows"] = rows
     (runs_root / "metrics.json").write_text(json.dumps(results, indent=1))

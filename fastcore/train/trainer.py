@@ -573,7 +573,7 @@ class _CurrentStderr(logging.StreamHandler):
 
     @stream.setter
     def stream(self, value) -> None:
-        pass
+        """StreamHandler.__init__ assigns a stream; the property always answers sys.stderr."""
 
 
 def configure_logging(run_dir: Path, rank: int) -> None:
