@@ -2,9 +2,10 @@
 
 ``curves (B, T, C)`` with a validity ``mask (B, T)`` (variable lengths, padded on the right)
 go through parallel 1D convolution branches (kernel sizes 3, 5, 7 by default, ``depth``
-layers each, GELU), masked adaptive pooling to ``k`` segments (mean and max over the valid
-steps of each segment), and a projector ``Linear -> GELU -> Linear -> LayerNorm`` into the
-LLM's hidden size: ``(B, k, d_model)``. Padded steps never reach the output: they are zeroed
+layers each, GELU), masked adaptive pooling to ``k`` segments (``pooling``: mean and max,
+mean, or max over the valid steps of each segment), and a projector
+``Linear -> GELU -> Linear -> LayerNorm`` (``projector_layers`` Linear layers, GELU between)
+into the LLM's hidden size: ``(B, k, d_model)``. Padded steps never reach the output: they are zeroed
 before every convolution and excluded from the pooling.
 """
 
@@ -14,12 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+POOLINGS = ("meanmax", "mean", "max")
 
-def masked_segment_pool(h: torch.Tensor, mask: torch.Tensor, segments: int) -> torch.Tensor:
+
+def masked_segment_pool(
+    h: torch.Tensor, mask: torch.Tensor, segments: int, pooling: str = "meanmax"
+) -> torch.Tensor:
     """``h (B, T, D)``, ``mask (B, T)`` -> ``(B, segments, 2 D)``: per sample, its valid steps
     split into ``segments`` equal spans (by position within the valid length), each reduced
-    to ``[mean, max]``. A span with no valid step (a sequence shorter than ``segments``)
-    gets zeros."""
+    to ``[mean, max]`` (``pooling="mean"`` or ``"max"``: that one alone, ``(B, segments,
+    D)``). A span with no valid step (a sequence shorter than ``segments``) gets zeros."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     batch, steps = h.shape[:2]
     lengths = mask.sum(1).clamp_min(1)  # (B,)
     position = torch.arange(steps, device=h.device)[None, :].expand(batch, -1)
@@ -28,11 +35,13 @@ def masked_segment_pool(h: torch.Tensor, mask: torch.Tensor, segments: int) -> t
     onehot = onehot * mask[..., None].to(h.dtype)  # (B, T, S)
     counts = onehot.sum(1)  # (B, S)
     mean = torch.einsum("bts,btd->bsd", onehot, h) / counts.clamp_min(1)[..., None]
+    if pooling == "mean":
+        return mean
     neg = torch.finfo(h.dtype).min
     expanded = h[:, :, None, :].masked_fill(onehot[..., None] == 0, neg)  # (B, T, S, D)
     peak = expanded.amax(1)
     peak = torch.where(counts[..., None] > 0, peak, torch.zeros((), dtype=h.dtype, device=h.device))
-    return torch.cat([mean, peak], -1)
+    return peak if pooling == "max" else torch.cat([mean, peak], -1)
 
 
 class TemporalEncoder(nn.Module):
@@ -45,6 +54,8 @@ class TemporalEncoder(nn.Module):
         kernel_sizes: one branch per size (odd sizes keep the length).
         depth: convolution layers per branch.
         prefix_tokens: k, the embeddings produced per curve.
+        pooling: ``"meanmax"`` (default), ``"mean"`` or ``"max"`` per segment.
+        projector_layers: Linear layers of the projector (GELU between, LayerNorm after).
         scale: optional ``[C]`` divisors applied to the input (e.g. each resource's bound).
     """
 
@@ -57,15 +68,21 @@ class TemporalEncoder(nn.Module):
         depth: int = 2,
         prefix_tokens: int = 1,
         scale: torch.Tensor | None = None,
+        pooling: str = "meanmax",
+        projector_layers: int = 2,
     ) -> None:
         super().__init__()
         if not kernel_sizes or any(k < 1 or k % 2 == 0 for k in kernel_sizes):
             raise ValueError(f"kernel_sizes must be odd and >= 1, got {kernel_sizes}")
-        if depth < 1 or prefix_tokens < 1 or width < 1:
+        if min(depth, prefix_tokens, width, projector_layers) < 1:
             raise ValueError(
-                f"depth, prefix_tokens and width must be >= 1, got {depth}, {prefix_tokens}, {width}"
+                "depth, prefix_tokens, width and projector_layers must be >= 1, got "
+                f"{depth}, {prefix_tokens}, {width}, {projector_layers}"
             )
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.channels, self.d_model, self.prefix_tokens = channels, d_model, prefix_tokens
+        self.pooling = pooling
         self.branches = nn.ModuleList(
             nn.ModuleList(
                 nn.Conv1d(channels if i == 0 else width, width, k, padding=k // 2)
@@ -73,13 +90,11 @@ class TemporalEncoder(nn.Module):
             )
             for k in kernel_sizes
         )
-        pooled = 2 * width * len(kernel_sizes)
-        self.projector = nn.Sequential(
-            nn.Linear(pooled, d_model),
-            nn.GELU(),
-            nn.Linear(d_model, d_model),
-            nn.LayerNorm(d_model),
-        )
+        pooled = (2 if pooling == "meanmax" else 1) * width * len(kernel_sizes)
+        layers: list[nn.Module] = []
+        for i in range(projector_layers):
+            layers += [nn.Linear(pooled if i == 0 else d_model, d_model), nn.GELU()]
+        self.projector = nn.Sequential(*layers[:-1], nn.LayerNorm(d_model))
         for layer in self.projector:
             if isinstance(layer, nn.Linear):
                 nn.init.xavier_uniform_(layer.weight)
@@ -107,5 +122,5 @@ class TemporalEncoder(nn.Module):
                 h = F.gelu(conv(h)) * keep
             outs.append(h)
         h = torch.cat(outs, 1).transpose(1, 2)  # (B, T, widths)
-        pooled = masked_segment_pool(h, mask, self.prefix_tokens)
+        pooled = masked_segment_pool(h, mask, self.prefix_tokens, self.pooling)
         return self.projector(pooled)

@@ -80,6 +80,7 @@ class TrainSection:
     eval_every_steps: int | None = option(
         None, "validate every this many steps (validation also runs after every epoch)"
     )
+    eval_at_start: bool = option(False, "validate once before the first step (a fresh run only)")
 
     def __post_init__(self) -> None:
         _check_train(self)

@@ -30,6 +30,7 @@ JOBS: dict[str, str] = {
     "example": "fastcore.train.example",
     "basin": "fastcore.train.basin",
     "kv_distill": "fastcore.train.kv_distill",
+    "temporal_align": "fastcore.train.temporal_align",
 }
 
 
@@ -56,7 +57,8 @@ class JobParts:
     ``loss_fn(model, batch) -> (loss, metrics)``: the mean loss over the batch (a scalar
     tensor) and a dict of per-batch scalar metrics (means over the batch), all on the run's
     device; batches come from ``train_set``/``val_set`` through ``collate_fn`` and are moved
-    to the device by the Trainer (tensors, and tensors inside tuples, lists and dicts).
+    to the device by the Trainer (tensors, and tensors inside tuples, lists, dicts and
+    dataclass instances).
     ``sanity()``: the job's ``[SANITY]`` report (graphs, index bounds), logged before step 1.
     ``evaluate(model)``: extra validation metrics over the whole validation set (e.g. NSE,
     which batch means cannot give), merged into each validation as ``val_<name>``.

@@ -16,6 +16,7 @@ uninterrupted run would have seen.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -85,6 +86,11 @@ def to_device(batch: Any, device: torch.device) -> Any:
         return type(batch)(to_device(b, device) for b in batch)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(
+            batch,
+            **{f.name: to_device(getattr(batch, f.name), device) for f in dataclasses.fields(batch)},
+        )
     return batch
 
 
@@ -92,6 +98,8 @@ def batch_len(batch: Any) -> int:
     """The leading size of the first tensor in ``batch`` (tensors nested in containers)."""
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() else 1
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        batch = [getattr(batch, f.name) for f in dataclasses.fields(batch)]
     items = batch.values() if isinstance(batch, dict) else batch
     if isinstance(items, (list, tuple, type({}.values()))):
         for item in items:
@@ -496,6 +504,9 @@ class Trainer:
         evaluated_at = -1
         anomaly = torch.autograd.set_detect_anomaly(True) if tc.anomaly else None
         try:
+            if tc.eval_at_start and self.step == 0 and self.parts.val_set is not None:
+                last_val, evaluated_at = self.evaluate(), self.step
+                self._after_eval(last_val)
             self.model.train()
             while self.step < self.total_steps and self.epoch < tc.epochs:
                 batches = self._batches()

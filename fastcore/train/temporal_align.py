@@ -1,0 +1,404 @@
+"""The temporal-alignment job: ``python -m fastcore.train --config configs/temporal_align.yaml``.
+
+A :class:`~fastcore.nn.TemporalEncoder` learns to turn resource curves into prefix
+embeddings a frozen causal LM reads (:class:`~fastcore.models.TemporalLLMWrapper`), trained
+only with the LM loss on the answers of :class:`~fastcore.data.temporal_pretrain.
+TemporalPretrainDataset` (curves, prompts and targets generated lazily from a seed, encoded
+with the real Qwen tokenizer).
+
+The LM: a local Qwen2/Qwen2.5 checkpoint (``model.llm_dir``, read with its own hidden size
+and the Qwen ids), or by default a small ``Qwen2ForCausalLM`` built from a config over the
+corpus' compact vocabulary and first warmed up on the description text alone
+(``model.lm_steps`` steps, prompt -> target, no curve) so that it knows the language before
+it is frozen. The warm-up is saved as ``<run_dir>/lm.pt`` (or ``model.lm_path``, which
+runs can share) and reused when its settings match.
+
+Validation reports the teacher-forced answer loss with the true curves and with the curves
+permuted across the batch (the shuffled-curve control), on items of their own seed and the
+equal task mix whatever ``data.task_mix`` trains on; at the end
+:func:`fastcore.train.temporal_report.evaluate_alignment` generates answers for
+``data.eval_samples`` held-out items under both and writes ``alignment.json`` and
+``report.html``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastcore.data.descriptions import TASKS
+from fastcore.data.resources import RESOURCES
+from fastcore.data.temporal_pretrain import (
+    IGNORE_INDEX,
+    TemporalBatch,
+    TemporalPretrainDataset,
+    TokenVocab,
+    collate_temporal,
+)
+from fastcore.train.config import Config, option
+from fastcore.train.jobs import JobContext, JobParts
+
+log = logging.getLogger("fastcore.train")
+
+_VAL_OFFSET = 10_000_000  # validation items are drawn from their own seed (seed + this)
+
+
+@dataclass
+class DataConfig:
+    """The generated corpus and the evaluation."""
+
+    size: int = option(100_000, "training items, generated lazily from the seed")
+    val_size: int = option(256, "validation items (teacher-forced loss each validation)")
+    eval_samples: int = option(384, "held-out items the final evaluation generates answers for")
+    seed: int = option(0, "seed of the curves, descriptions and task draws")
+    task_mix: list[float] = option(
+        [1.0, 1.0, 1.0], "relative weights of trend, bottleneck, feasibility"
+    )
+    vocab_samples: int = option(1000, "items per task scanned for the tiny LM's vocabulary")
+    max_new_tokens: int = option(64, "generation length limit in the final evaluation")
+    report_examples: int = option(12, "examples (curve, prompt, truth, generations) in report.html")
+
+
+@dataclass
+class ModelConfig:
+    """The frozen LM (and its warm-up) and the encoder."""
+
+    llm_dir: str | None = option(None, "a local Qwen2/Qwen2.5 checkpoint used as the frozen LM")
+    hidden: int = option(128, "tiny LM: hidden size")
+    layers: int = option(4, "tiny LM: decoder layers")
+    heads: int = option(4, "tiny LM: attention heads")
+    kv_heads: int = option(2, "tiny LM: key/value heads (GQA)")
+    intermediate: int = option(384, "tiny LM: MLP width")
+    lm_steps: int = option(250, "tiny LM: warm-up steps on the description text")
+    lm_batch_size: int = option(64, "tiny LM: warm-up batch size")
+    lm_lr: float = option(3e-3, "tiny LM: warm-up peak learning rate (cosine, 20 warm-up steps)")
+    lm_path: str | None = option(
+        None, "where the warm-up is saved/reused (default <run_dir>/lm.pt)"
+    )
+    width: int = option(64, "encoder: channels per convolution branch")
+    kernel_sizes: list[int] = option([3, 5, 7], "encoder: one branch per (odd) kernel size")
+    depth: int = option(2, "encoder: convolution layers per branch")
+    pooling: str = option("meanmax", "encoder: 'meanmax', 'mean' or 'max' per segment")
+    prefix_tokens: int = option(4, "encoder: k, prefix embeddings per curve (time segments)")
+    projector_layers: int = option(2, "encoder: Linear layers of the projector")
+
+
+def _lm_config(mcfg: ModelConfig, vocab_size: int):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=mcfg.hidden,
+        intermediate_size=mcfg.intermediate,
+        num_hidden_layers=mcfg.layers,
+        num_attention_heads=mcfg.heads,
+        num_key_value_heads=mcfg.kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+
+
+def _warmup_key(data: DataConfig, mcfg: ModelConfig, vocab: TokenVocab, seed: int) -> str:
+    fields = {
+        k: getattr(mcfg, k)
+        for k in (
+            "hidden",
+            "layers",
+            "heads",
+            "kv_heads",
+            "intermediate",
+            "lm_steps",
+            "lm_batch_size",
+            "lm_lr",
+        )
+    }
+    blob = json.dumps([fields, data.seed, data.task_mix, vocab.ids.tolist(), seed], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def warm_up_lm(
+    lm: nn.Module,
+    dataset: TemporalPretrainDataset,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+) -> list[float]:
+    """Train ``lm`` on the text of ``dataset`` (prompt -> target, no curve): AdamW, 20
+    warm-up steps then cosine decay, gradient clipping at 1. Returns the loss per step."""
+    lm.to(device).train()
+    params = [p for p in lm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = min(20, max(steps // 10, 1))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(steps - warm, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    start = time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(0, len(dataset), (batch_size,), generator=g).tolist()
+        b = collate_temporal([dataset[i] for i in idx], pad_id=dataset.eos_id_model).to(device)
+        out = lm(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(f"LM warm-up step {step}: loss {out.loss.item()}")
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        losses.append(out.loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            log.info(
+                "[LM warm-up] step %d/%d: loss %.4f (%.0f s)",
+                step + 1,
+                steps,
+                losses[-1],
+                time.perf_counter() - start,
+            )
+    lm.eval()
+    return losses
+
+
+def build_lm(
+    data: DataConfig,
+    mcfg: ModelConfig,
+    dataset: TemporalPretrainDataset,
+    ctx: JobContext,
+) -> tuple[nn.Module, dict]:
+    """The frozen LM for the run and a description of where it came from."""
+    if mcfg.llm_dir:
+        from fastcore.data.text import load_local
+
+        lm = load_local(mcfg.llm_dir)
+        return lm, {"source": mcfg.llm_dir, "vocab": "qwen"}
+    from transformers import Qwen2ForCausalLM
+
+    vocab = dataset.vocab
+    path = Path(mcfg.lm_path) if mcfg.lm_path else ctx.run_dir / "lm.pt"
+    key = _warmup_key(data, mcfg, vocab, ctx.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.seed)
+        lm = Qwen2ForCausalLM(_lm_config(mcfg, len(vocab)))
+    saved = torch.load(path, weights_only=True) if path.is_file() else None
+    if saved is not None and saved.get("key") == key:
+        lm.load_state_dict(saved["state"])
+        losses = saved["losses"].tolist()
+        log.info("[LM warm-up] reusing %s (key %s)", path, key)
+    else:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if ctx.rank == 0:
+            losses = warm_up_lm(
+                lm, dataset, mcfg.lm_steps, mcfg.lm_batch_size, mcfg.lm_lr, ctx.seed, ctx.device
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            state = {k: v.detach().cpu() for k, v in lm.state_dict().items()}
+            torch.save({"key": key, "state": state, "losses": torch.tensor(losses)}, tmp)
+            tmp.replace(path)
+        if distributed:
+            torch.distributed.barrier()
+        if ctx.rank != 0:
+            saved = torch.load(path, weights_only=True)
+            lm.load_state_dict(saved["state"])
+            losses = saved["losses"].tolist()
+    return lm, {
+        "source": "tiny Qwen2 from config",
+        "config": {
+            k: getattr(mcfg, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate")
+        },
+        "vocab": len(vocab),
+        "warmup_steps": len(losses),
+        "warmup_loss_first": losses[0] if losses else None,
+        "warmup_loss_last": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None,
+        "path": str(path),
+    }
+
+
+def derangement(n: int, seed: int) -> torch.Tensor:
+    """A seeded permutation of ``range(n)`` without fixed points (n >= 2): the shuffled-curve
+    control gives every sample another sample's curve."""
+    if n < 2:
+        raise ValueError(f"a shuffled-curve control needs at least 2 samples, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    # rotate the cycle of a random order by one: i-th of `perm` gets the (i+1)-th's curve
+    out = torch.empty(n, dtype=torch.long)
+    out[perm] = perm.roll(-1)
+    return out
+
+
+def answer_stats(model: nn.Module, batch: TemporalBatch, shuffle: bool) -> dict[str, torch.Tensor]:
+    """Teacher-forced sums over answer tokens per task: ``nll [3]``, ``correct [3]``,
+    ``count [3]`` (with the batch's curves permuted when ``shuffle``)."""
+    curves, cmask = batch.curves, batch.curve_mask
+    if shuffle:
+        perm = derangement(len(batch), 0).to(curves.device)
+        curves, cmask = curves[perm], cmask[perm]
+    out = model(curves, batch.input_ids, batch.attention_mask, None, curve_mask=cmask)
+    k = out.logits.shape[1] - batch.input_ids.shape[1]
+    logits = out.logits[:, k - 1 : -1].float()  # position k-1+j predicts token j
+    labels = batch.labels
+    valid = labels != IGNORE_INDEX
+    nll = (
+        torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels.clamp_min(0), reduction="none"
+        )
+        * valid
+    )
+    correct = (logits.argmax(-1) == labels) & valid
+    onehot = torch.nn.functional.one_hot(batch.task, len(TASKS)).to(nll.dtype)  # (B, 3)
+    return {
+        "nll": onehot.T @ nll.sum(1),
+        "correct": onehot.T @ correct.sum(1).to(nll.dtype),
+        "count": onehot.T @ valid.sum(1).to(nll.dtype),
+    }
+
+
+def build(cfg: Config, ctx: JobContext) -> JobParts:
+    from fastcore.models.temporal_llm import TemporalLLMWrapper, llm_hidden_size
+    from fastcore.nn.temporal import TemporalEncoder
+
+    data, mcfg = cfg.data, cfg.model
+    if data.size < 1 or data.val_size < 2 or data.eval_samples < 2:
+        raise ValueError(
+            f"data.size must be >= 1 and data.val_size, data.eval_samples >= 2, got "
+            f"{data.size}, {data.val_size}, {data.eval_samples}"
+        )
+    train_set = TemporalPretrainDataset(data.size, data.seed, data.task_mix)
+    if not mcfg.llm_dir:
+        train_set.vocab = TokenVocab.from_dataset(train_set, data.vocab_samples)
+    val_seed = data.seed + _VAL_OFFSET
+    # validation and evaluation always ask the three tasks equally often, so runs with
+    # different training mixes are compared on the same items
+    val_set = TemporalPretrainDataset(
+        data.val_size, val_seed, None, train_set.vocab, train_set.tokenizer
+    )
+    lm, lm_info = build_lm(data, mcfg, train_set, ctx)
+    encoder = TemporalEncoder(
+        len(RESOURCES),
+        llm_hidden_size(lm),
+        width=mcfg.width,
+        kernel_sizes=tuple(mcfg.kernel_sizes),
+        depth=mcfg.depth,
+        prefix_tokens=mcfg.prefix_tokens,
+        scale=torch.tensor([r.hi for r in RESOURCES]),
+        pooling=mcfg.pooling,
+        projector_layers=mcfg.projector_layers,
+    )
+    model = TemporalLLMWrapper(lm, encoder)
+    pad_id = train_set.eos_id_model
+
+    def collate(items):
+        return collate_temporal(items, pad_id=pad_id)
+
+    def loss_fn(model: nn.Module, batch: TemporalBatch):
+        out = model(
+            batch.curves,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.labels,
+            curve_mask=batch.curve_mask,
+        )
+        return out.loss, {}
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        core = getattr(model, "module", model)
+        sums = {True: None, False: None}
+        with torch.no_grad():
+            for start in range(0, len(val_set), cfg.train.batch_size):
+                items = [
+                    val_set[i]
+                    for i in range(start, min(start + cfg.train.batch_size, len(val_set)))
+                ]
+                if len(items) < 2:
+                    continue
+                batch = collate(items).to(ctx.device)
+                for shuffle in (False, True):
+                    s = answer_stats(core, batch, shuffle)
+                    sums[shuffle] = (
+                        s if sums[shuffle] is None else {k: sums[shuffle][k] + s[k] for k in s}
+                    )
+        out = {}
+        for shuffle, tag in ((False, ""), (True, "shuffled_")):
+            s = sums[shuffle]
+            out[f"{tag}answer_nll"] = float(s["nll"].sum() / s["count"].sum())
+            out[f"{tag}token_acc"] = float(s["correct"].sum() / s["count"].sum())
+        return out
+
+    def sanity() -> str:
+        lines = [
+            f"LM: {lm_info['source']}, hidden {llm_hidden_size(lm)}, vocabulary "
+            f"{lm_info['vocab']}, frozen ({sum(p.numel() for p in lm.parameters())} params)",
+            f"encoder: {sum(p.numel() for p in encoder.parameters())} params, k "
+            f"{mcfg.prefix_tokens} prefix tokens, kernels {mcfg.kernel_sizes}, depth "
+            f"{mcfg.depth}, pooling {mcfg.pooling}, projector {mcfg.projector_layers} layers",
+            f"data: {data.size} training items (seed {data.seed}), {data.val_size} validation "
+            f"items (seed {val_seed}, equal task mix), training task mix {data.task_mix}",
+        ]
+        if lm_info.get("warmup_steps"):
+            lines.append(
+                f"LM warm-up: {lm_info['warmup_steps']} steps, loss "
+                f"{lm_info['warmup_loss_first']:.3f} -> {lm_info['warmup_loss_last']:.3f}"
+            )
+        return "\n".join(lines)
+
+    def finish(trainer) -> None:
+        from fastcore.train.temporal_report import evaluate_alignment, write_report
+
+        core = getattr(trainer.model, "module", trainer.model)
+        eval_set = TemporalPretrainDataset(
+            data.eval_samples,
+            data.seed + 2 * _VAL_OFFSET,
+            None,
+            train_set.vocab,
+            train_set.tokenizer,
+        )
+        result = evaluate_alignment(
+            core,
+            eval_set,
+            batch_size=cfg.train.batch_size,
+            device=ctx.device,
+            max_new_tokens=data.max_new_tokens,
+            seed=data.seed,
+        )
+        result["lm"] = lm_info
+        result["config"] = {"data": asdict(data), "model": asdict(mcfg)}
+        run_dir = trainer.run_dir
+        (run_dir / "alignment.json").write_text(
+            json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2)
+        )
+        write_report(
+            result,
+            eval_set,
+            run_dir / "report.html",
+            data.report_examples,
+            run_dir / "metrics.jsonl",
+        )
+        log.info("[EVAL] %s", result["summary_line"])
+        log.info("wrote %s and %s", run_dir / "alignment.json", run_dir / "report.html")
+
+    return JobParts(
+        model=model,
+        train_set=train_set,
+        val_set=val_set,
+        loss_fn=loss_fn,
+        collate_fn=collate,
+        evaluate=evaluate,
+        sanity=sanity,
+        finish=finish,
+    )
