@@ -97,8 +97,8 @@ class TokenVocab:
         for d in "0123456789":
             ids.update(tok.encode(d))
         for i in range(samples):
+            curve = dataset.synthesizer.sample(i)
             for task in TASKS:
-                curve = dataset.synthesizer.sample(i)
                 desc = dataset.generator.generate(curve, task, key=i)
                 ids.update(dataset.encode_text(desc)[0].tolist())
         return cls(sorted(ids))

@@ -85,9 +85,9 @@ def evaluate_alignment(
             [dataset.encode_prompt(samples[i][1]) for i in idx], pad
         )
         for cond in CONDITIONS:
-            src = idx if cond == "aligned" else [int(perm[i]) for i in idx]
-            curves = collate_temporal([items[j] for j in src], pad_id=pad)
-            batch.curves, batch.curve_mask = curves.curves, curves.curve_mask
+            if cond == "shuffled":
+                curves = collate_temporal([items[int(perm[i])] for i in idx], pad_id=pad)
+                batch.curves, batch.curve_mask = curves.curves, curves.curve_mask
             s = answer_stats(model, batch.to(device), shuffle=False)
             for k in s:
                 stats[cond][k] += s[k].double().cpu().numpy()
