@@ -157,6 +157,24 @@ def test_scoring_rejects_wrong_and_missing_numbers(dataset):
     assert classify("trend", "CPU memory is flat, then rising") == "stable"
 
 
+def test_paired_comparison_of_the_conditions(dataset):
+    from fastcore.train.temporal_report import paired_comparison
+
+    truths = [dataset.sample(i)[1] for i in range(60)]
+    right = [d.target for d in truths]
+    wrong = [truths[(i + 1) % 60].target for i in range(60)]  # another item's answer
+    better = paired_comparison(truths, right, wrong, resamples=500)
+    for name in ("numeric_accuracy", "classification_accuracy"):
+        c = better[name]
+        assert c["difference"] > 0.3 and 0 < c["ci95"][0] <= c["difference"] <= c["ci95"][1]
+        assert c["p_not_better"] == 0.0
+    same = paired_comparison(truths, wrong, wrong, resamples=500)
+    assert same["numeric_accuracy"]["difference"] == 0.0
+    assert same["numeric_accuracy"]["p_not_better"] == 1.0
+    worse = paired_comparison(truths, wrong, right, resamples=500)
+    assert worse["classification_accuracy"]["ci95"][1] < 0
+
+
 def test_derangement_moves_every_item():
     for n in (2, 3, 17, 384):
         p = derangement(n, seed=n)
@@ -195,6 +213,35 @@ def test_left_padded_batched_generation_equals_per_sample(dataset):
         t = int(batch.curve_mask[b].sum())
         alone = model.generate(batch.curves[b : b + 1, :t], prompts[b][None], **kw)
         assert torch.equal(together[b], alone[0])
+
+
+@pytest.mark.parametrize("tokens", ["channel", "time"])
+def test_curve_probe_has_the_encoders_layout_and_reads_only_its_span(tokens):
+    from fastcore.nn.temporal import TemporalEncoder
+    from fastcore.train.temporal_align import CurveProbe
+
+    torch.manual_seed(0)
+    probe = CurveProbe(4, 16, segments=2, tokens=tokens, points=3).double()
+    encoder = TemporalEncoder(4, 16, width=4, prefix_tokens=2, tokens=tokens)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 24, 4, generator=g, dtype=torch.float64)
+    mask = torch.arange(24)[None] < torch.tensor([[24], [12], [18]])
+    out = probe(x, mask)
+    assert out.shape == (3, encoder.prefix_tokens, 16) and torch.isfinite(out).all()
+    poisoned = x.clone()
+    poisoned[~mask] = 1e6
+    torch.testing.assert_close(probe(poisoned, mask), out)
+    # variable 1 over the second half of sample 0 (its second segment) moves one token:
+    # variable-major (1 * 2 + 1) with tokens="channel", segment 1 with "time"
+    moved = x.clone()
+    moved[0, 12:, 1] += 1.0
+    diff = (probe(moved, mask) - out).abs().amax(-1)
+    hit = 3 if tokens == "channel" else 1
+    assert diff[0, hit] > 1e-3
+    assert diff[0].clone().index_fill_(0, torch.tensor([hit]), 0).amax() == 0
+    assert diff[1:].amax() == 0
+    with pytest.raises(ValueError, match="tokens must be one of"):
+        CurveProbe(4, 16, 2, tokens="space")
 
 
 def _tiny_overrides(run_dir):
@@ -239,6 +286,7 @@ def test_job_end_to_end_loss_falls_and_reports(tmp_path):
     val = vals[-1]
     assert {"val_answer_nll", "val_shuffled_answer_nll", "val_token_acc"} <= set(val)
     result = json.loads((tmp_path / "run" / "alignment.json").read_text())
+    assert set(result["comparison"]) == {"numeric_accuracy", "classification_accuracy"}
     for cond in ("aligned", "shuffled"):
         c = result["conditions"][cond]
         assert 0 <= c["numeric_accuracy"] <= 1 and c["perplexity"] > 1
@@ -247,6 +295,7 @@ def test_job_end_to_end_loss_falls_and_reports(tmp_path):
     assert result["lm"]["warmup_steps"] == 100
     html = (tmp_path / "run" / "report.html").read_text()
     assert "shuffled control" in html and html.count("data:image/png;base64") >= 3
+    assert "Aligned minus control" in html
     log = (tmp_path / "run" / "train.log").read_text()
     assert "[LM warm-up] step 100/100" in log and "LM frozen" not in log
     # a second run with the same warm-up settings reuses it
@@ -275,5 +324,5 @@ def test_ablation_runner_writes_json(tmp_path, capsys):
     for row in table.values():
         assert {"aligned", "shuffled"} <= set(row)
         assert 0 <= row["aligned"]["classification_accuracy"] <= 1
-    assert (out / "lm.pt").is_file()
+    assert len(list(out.glob("lm-*.pt"))) == 1  # one warm-up shared by both
     assert main(["--out", str(out), "--only", "nonsense"]) == 2

@@ -47,14 +47,17 @@ def test_masked_pooling_matches_a_loop():
             torch.testing.assert_close(out[b, s], torch.cat([seg.mean(0), seg.amax(0)]))
 
 
+@pytest.mark.parametrize("tokens", ["time", "channel"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_encoder_shapes_and_padding_never_leaks(k):
+def test_encoder_shapes_and_padding_never_leaks(k, tokens):
     enc = TemporalEncoder(
-        4, 32, width=8, prefix_tokens=k, scale=torch.tensor([128.0, 512, 100, 80])
+        4, 32, width=8, prefix_tokens=k, scale=torch.tensor([128.0, 512, 100, 80]), tokens=tokens
     )
     x, mask = curves()
     out = enc(x, mask)
-    assert out.shape == (3, k, 32) and torch.isfinite(out).all()
+    n = k * (4 if tokens == "channel" else 1)
+    assert enc.prefix_tokens == n
+    assert out.shape == (3, n, 32) and torch.isfinite(out).all()
     poisoned = x.clone()
     poisoned[~mask] = 1e6  # padded steps: any value, same output
     torch.testing.assert_close(enc(poisoned, mask), out)
@@ -64,6 +67,24 @@ def test_encoder_shapes_and_padding_never_leaks(k):
         enc(x[..., :3], mask)
     with pytest.raises(ValueError, match="kernel_sizes must be odd"):
         TemporalEncoder(4, 32, kernel_sizes=(3, 4))
+    with pytest.raises(ValueError, match="tokens must be one of"):
+        TemporalEncoder(4, 32, tokens="space")
+
+
+def test_channel_tokens_read_their_own_variable():
+    """tokens="channel": variable c's k tokens (positions c k .. c k + k - 1) depend on
+    variable c's curve alone."""
+    torch.manual_seed(0)
+    enc = TemporalEncoder(4, 16, width=8, prefix_tokens=2, tokens="channel").double()
+    x, mask = curves()
+    x = x.double() / 100
+    out = enc(x, mask)
+    changed = x.clone()
+    changed[..., 2] += 1.0  # variable 2 only
+    moved = enc(changed, mask)
+    same = [0, 1, 2, 3, 6, 7]
+    torch.testing.assert_close(moved[:, same], out[:, same])
+    assert (moved[:, 4:6] - out[:, 4:6]).abs().amax() > 1e-3
 
 
 def test_wrapper_freezes_the_llm_and_trains_the_encoder():

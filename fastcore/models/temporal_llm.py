@@ -26,6 +26,31 @@ def llm_hidden_size(llm: nn.Module) -> int:
     return int(size)
 
 
+def prefixed_inputs(
+    llm: nn.Module,
+    prefix: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """``llm``'s keyword inputs with ``prefix (B, k, d)`` before the embeddings of
+    ``input_ids (B, L)``: ``inputs_embeds (B, k + L, d)`` (the prefix cast to the embedding
+    dtype), the attention mask with ``k`` leading ones and the labels with ``k`` leading
+    -100 (when given)."""
+    tokens = llm.get_input_embeddings()(input_ids)
+    prefix = prefix.to(tokens.dtype)
+    batch, k = prefix.shape[:2]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    out = {
+        "inputs_embeds": torch.cat([prefix, tokens], 1),
+        "attention_mask": torch.cat([attention_mask.new_ones(batch, k), attention_mask], 1),
+    }
+    if labels is not None:
+        out["labels"] = torch.cat([labels.new_full((batch, k), -100), labels], 1)
+    return out
+
+
 class TemporalLLMWrapper(nn.Module):
     """``llm`` (any ``AutoModelForCausalLM``-like model with ``get_input_embeddings`` and
     ``inputs_embeds``) conditioned on curves through ``encoder``.
@@ -65,20 +90,9 @@ class TemporalLLMWrapper(nn.Module):
             raise ValueError(
                 f"input_ids must be [B={curves.shape[0]}, L], got {tuple(input_ids.shape)}"
             )
-        embed = self.llm.get_input_embeddings()
-        tokens = embed(input_ids)
-        prefix = self.encoder(curves, curve_mask).to(tokens.dtype)
-        batch, k = prefix.shape[:2]
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        ones = attention_mask.new_ones(batch, k)
-        out = {
-            "inputs_embeds": torch.cat([prefix, tokens], 1),
-            "attention_mask": torch.cat([ones, attention_mask], 1),
-        }
-        if labels is not None:
-            out["labels"] = torch.cat([labels.new_full((batch, k), -100), labels], 1)
-        return out
+        return prefixed_inputs(
+            self.llm, self.encoder(curves, curve_mask), input_ids, attention_mask, labels
+        )
 
     def forward(
         self,

@@ -7,6 +7,13 @@ mean, or max over the valid steps of each segment), and a projector
 ``Linear -> GELU -> Linear -> LayerNorm`` (``projector_layers`` Linear layers, GELU between)
 into the LLM's hidden size: ``(B, k, d_model)``. Padded steps never reach the output: they are zeroed
 before every convolution and excluded from the pooling.
+
+``tokens`` picks what a prefix token stands for. ``"time"`` (default): token ``j`` is the
+``j``-th time segment of all variables together. ``"channel"``: the convolutions run on each
+variable on its own (shared weights, channel independence as in PatchTST), and each
+variable's ``k`` segments become ``k`` tokens of its own, told apart by a one-hot of the
+variable fed to the projector: ``(B, C k, d_model)``, variable-major. A question about one
+resource then reads the tokens of that resource.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 POOLINGS = ("meanmax", "mean", "max")
+TOKEN_LAYOUTS = ("time", "channel")
 
 
 def masked_segment_pool(
@@ -57,6 +65,8 @@ class TemporalEncoder(nn.Module):
         pooling: ``"meanmax"`` (default), ``"mean"`` or ``"max"`` per segment.
         projector_layers: Linear layers of the projector (GELU between, LayerNorm after).
         scale: optional ``[C]`` divisors applied to the input (e.g. each resource's bound).
+        tokens: ``"time"`` (``k`` tokens over all variables) or ``"channel"`` (``k`` tokens
+            per variable, ``C k`` in all); see the module docstring.
     """
 
     def __init__(
@@ -70,6 +80,7 @@ class TemporalEncoder(nn.Module):
         scale: torch.Tensor | None = None,
         pooling: str = "meanmax",
         projector_layers: int = 2,
+        tokens: str = "time",
     ) -> None:
         super().__init__()
         if not kernel_sizes or any(k < 1 or k % 2 == 0 for k in kernel_sizes):
@@ -81,16 +92,22 @@ class TemporalEncoder(nn.Module):
             )
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        self.channels, self.d_model, self.prefix_tokens = channels, d_model, prefix_tokens
-        self.pooling = pooling
+        if tokens not in TOKEN_LAYOUTS:
+            raise ValueError(f"tokens must be one of {TOKEN_LAYOUTS}, got {tokens!r}")
+        self.channels, self.d_model, self.tokens = channels, d_model, tokens
+        self.prefix_tokens = prefix_tokens * (channels if tokens == "channel" else 1)
+        self.segments, self.pooling = prefix_tokens, pooling
+        per_step = 1 if tokens == "channel" else channels
         self.branches = nn.ModuleList(
             nn.ModuleList(
-                nn.Conv1d(channels if i == 0 else width, width, k, padding=k // 2)
+                nn.Conv1d(per_step if i == 0 else width, width, k, padding=k // 2)
                 for i in range(depth)
             )
             for k in kernel_sizes
         )
         pooled = (2 if pooling == "meanmax" else 1) * width * len(kernel_sizes)
+        if tokens == "channel":
+            pooled += channels  # the one-hot of the variable
         layers: list[nn.Module] = []
         for i in range(projector_layers):
             layers += [nn.Linear(pooled if i == 0 else d_model, d_model), nn.GELU()]
@@ -105,7 +122,8 @@ class TemporalEncoder(nn.Module):
         )
 
     def forward(self, curves: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``curves (B, T, C)``, ``mask (B, T)`` bool (None: all valid) -> ``(B, k, d_model)``."""
+        """``curves (B, T, C)``, ``mask (B, T)`` bool (None: all valid) -> ``(B, k, d_model)``
+        (``(B, C k, d_model)`` with ``tokens="channel"``; ``self.prefix_tokens`` either way)."""
         if curves.dim() != 3 or curves.shape[2] != self.channels:
             raise ValueError(f"curves must be (B, T, C={self.channels}), got {tuple(curves.shape)}")
         if mask is None:
@@ -113,8 +131,13 @@ class TemporalEncoder(nn.Module):
         if mask.shape != curves.shape[:2]:
             raise ValueError(f"mask must be {tuple(curves.shape[:2])}, got {tuple(mask.shape)}")
         mask = mask.bool()
-        keep = mask[:, None, :].to(curves.dtype)  # (B, 1, T)
-        x = (curves / self.scale.to(curves.dtype)).transpose(1, 2) * keep
+        batch, steps, channels = curves.shape
+        x = (curves / self.scale.to(curves.dtype)).transpose(1, 2)  # (B, C, T)
+        if self.tokens == "channel":  # every variable a sequence of its own
+            x = x.reshape(batch * channels, 1, steps)
+            mask = mask.repeat_interleave(channels, 0)
+        keep = mask[:, None, :].to(curves.dtype)  # (B or B C, 1, T)
+        x = x * keep
         outs = []
         for branch in self.branches:
             h = x
@@ -122,5 +145,10 @@ class TemporalEncoder(nn.Module):
                 h = F.gelu(conv(h)) * keep
             outs.append(h)
         h = torch.cat(outs, 1).transpose(1, 2)  # (B, T, widths)
-        pooled = masked_segment_pool(h, mask, self.prefix_tokens, self.pooling)
+        pooled = masked_segment_pool(h, mask, self.segments, self.pooling)
+        if self.tokens == "channel":  # (B C, k, F) -> (B, C k, F + C), variable-major
+            pooled = pooled.view(batch, channels * self.segments, -1)
+            which = torch.arange(channels, device=curves.device).repeat_interleave(self.segments)
+            onehot = F.one_hot(which, channels).to(pooled.dtype).expand(batch, -1, -1)
+            pooled = torch.cat([pooled, onehot], -1)
         return self.projector(pooled)

@@ -5,9 +5,12 @@
 
 Each variant is the job of ``--config`` (plus the trailing overrides, e.g.
 ``train.max_steps=300`` for a quicker sweep) with the variant's own overrides, trained in
-``<out>/<variant>``. Every variant reuses one LM warm-up (``<out>/lm.pt``) and is evaluated
-on the same held-out items (the evaluation always uses the equal task mix), so the rows
-differ only in what the variant changes. ``<out>/ablation.json`` maps each variant to its
+``<out>/<variant>``. Every variant is evaluated on the same held-out items (the evaluation
+always uses the equal task mix) and reuses the LM warm-up its settings select
+(``<out>/lm-<key>.pt``), so the rows differ only in what the variant changes. The
+warm-up's curve probe has the encoder's token layout, so the variants of the layout
+(``prefix_tokens_*``, ``tokens_time``) and ``warmup_text_only`` warm up an LM of their own;
+the others share one. ``<out>/ablation.json`` maps each variant to its
 overrides and its aligned and shuffled-control metrics (overall and per task) and is
 rewritten after every variant, so an interrupted sweep keeps what it finished.
 """
@@ -31,7 +34,9 @@ VARIANTS: dict[str, list[str]] = {
     "pooling_mean": ["model.pooling=mean"],
     "pooling_max": ["model.pooling=max"],
     "prefix_tokens_1": ["model.prefix_tokens=1"],
-    "prefix_tokens_8": ["model.prefix_tokens=8"],
+    "prefix_tokens_4": ["model.prefix_tokens=4"],
+    "tokens_time": ["model.tokens=time", "model.prefix_tokens=4"],
+    "warmup_text_only": ["model.lm_reader=none"],
     "projector_1": ["model.projector_layers=1"],
     "projector_3": ["model.projector_layers=3"],
     "mix_trend_feasibility": ["data.task_mix=[1, 0, 1]"],
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             *args.overrides,
             *VARIANTS[name],
             f"run_dir={out / name}",
-            f"model.lm_path={out / 'lm.pt'}",
+            f"model.lm_path={out / 'lm-{key}.pt'}",
         ]
         cfg = resolve_config(args.config, overrides)
         if cfg.job != "temporal_align":

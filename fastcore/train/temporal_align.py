@@ -8,10 +8,16 @@ with the real Qwen tokenizer).
 
 The LM: a local Qwen2/Qwen2.5 checkpoint (``model.llm_dir``, read with its own hidden size
 and the Qwen ids), or by default a small ``Qwen2ForCausalLM`` built from a config over the
-corpus' compact vocabulary and first warmed up on the description text alone
-(``model.lm_steps`` steps, prompt -> target, no curve) so that it knows the language before
-it is frozen. The warm-up is saved as ``<run_dir>/lm.pt`` (or ``model.lm_path``, which
-runs can share) and reused when its settings match.
+corpus' compact vocabulary and first warmed up on the descriptions (``model.lm_steps``
+steps, prompt -> target) so that it knows the language before it is frozen. A pretrained
+LLM can read soft prefixes; a tiny LM trained from scratch on text alone never learns to
+(measured: its answers ignored an aligned encoder entirely), so by default
+(``model.lm_reader="probe"``) the warm-up puts the prefix of a throwaway
+:class:`CurveProbe` (a linear map of resampled curve values, in the encoder's token layout)
+before every item and trains it along. The probe is then discarded: the encoder starts from
+scratch against the frozen LM, and the shuffled-curve control tells whether it aligned.
+The warm-up is saved as ``<run_dir>/lm.pt`` (or ``model.lm_path``, which runs can share)
+and reused when its settings match.
 
 Validation reports the teacher-forced answer loss with the true curves and with the curves
 permuted across the batch (the shuffled-curve control), on items of their own seed and the
@@ -77,17 +83,30 @@ class ModelConfig:
     heads: int = option(4, "tiny LM: attention heads")
     kv_heads: int = option(2, "tiny LM: key/value heads (GQA)")
     intermediate: int = option(384, "tiny LM: MLP width")
-    lm_steps: int = option(250, "tiny LM: warm-up steps on the description text")
+    lm_steps: int = option(1600, "tiny LM: warm-up steps on the descriptions")
     lm_batch_size: int = option(64, "tiny LM: warm-up batch size")
     lm_lr: float = option(3e-3, "tiny LM: warm-up peak learning rate (cosine, 20 warm-up steps)")
-    lm_path: str | None = option(
-        None, "where the warm-up is saved/reused (default <run_dir>/lm.pt)"
+    lm_reader: str = option(
+        "probe",
+        "tiny LM: 'probe' warms it up reading curves through a throwaway linear reader "
+        "(discarded; the encoder starts fresh), 'none' on the text alone",
     )
-    width: int = option(64, "encoder: channels per convolution branch")
+    lm_reader_points: int = option(8, "tiny LM: resampled points per prefix token of the probe")
+    lm_path: str | None = option(
+        None,
+        "where the warm-up is saved/reused (default <run_dir>/lm.pt); '{key}' in it becomes "
+        "the key of the warm-up's settings",
+    )
+    width: int = option(32, "encoder: channels per convolution branch")
     kernel_sizes: list[int] = option([3, 5, 7], "encoder: one branch per (odd) kernel size")
     depth: int = option(2, "encoder: convolution layers per branch")
     pooling: str = option("meanmax", "encoder: 'meanmax', 'mean' or 'max' per segment")
-    prefix_tokens: int = option(4, "encoder: k, prefix embeddings per curve (time segments)")
+    prefix_tokens: int = option(
+        2, "encoder: k, time segments per prefix (per variable with tokens=channel)"
+    )
+    tokens: str = option(
+        "channel", "encoder: 'channel' (k tokens per resource) or 'time' (k tokens in all)"
+    )
     projector_layers: int = option(2, "encoder: Linear layers of the projector")
 
 
@@ -119,10 +138,77 @@ def _warmup_key(data: DataConfig, mcfg: ModelConfig, vocab: TokenVocab, seed: in
             "lm_steps",
             "lm_batch_size",
             "lm_lr",
+            "lm_reader",
         )
     }
+    if mcfg.lm_reader == "probe":  # the probe's layout is the encoder's
+        fields.update(points=mcfg.lm_reader_points, segments=mcfg.prefix_tokens, tokens=mcfg.tokens)
     blob = json.dumps([fields, data.seed, data.task_mix, vocab.ids.tolist(), seed], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class CurveProbe(nn.Module):
+    """The throwaway reader of the LM warm-up: prefix tokens in the layout of a
+    :class:`~fastcore.nn.TemporalEncoder` with the same ``channels``, ``segments`` and
+    ``tokens``, each a linear map (then LayerNorm) of the curve's values over its span.
+
+    The valid steps of every curve are split into ``segments x points`` equal spans and
+    averaged (scaled by ``scale``); a token gets its segment's ``points`` values (of its
+    variable with ``tokens="channel"``, plus a one-hot of the variable; of every variable
+    with ``"time"``) and the curve's length over ``length_scale``. A tiny LM trained from
+    scratch has never read an embedding that is not a token's; warmed up with this reader it
+    learns to, and the encoder aligned afterwards starts from scratch against the frozen LM.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        d_model: int,
+        segments: int,
+        tokens: str = "channel",
+        points: int = 8,
+        scale: torch.Tensor | None = None,
+        length_scale: float = 100.0,
+    ) -> None:
+        super().__init__()
+        from fastcore.nn.temporal import TOKEN_LAYOUTS
+
+        if tokens not in TOKEN_LAYOUTS:
+            raise ValueError(f"tokens must be one of {TOKEN_LAYOUTS}, got {tokens!r}")
+        if min(channels, d_model, segments, points) < 1 or length_scale <= 0:
+            raise ValueError(
+                "channels, d_model, segments, points must be >= 1 and length_scale > 0, got "
+                f"{channels}, {d_model}, {segments}, {points}, {length_scale}"
+            )
+        self.channels, self.segments, self.tokens, self.points = channels, segments, tokens, points
+        self.length_scale = float(length_scale)
+        per_token = points + 1 + channels if tokens == "channel" else points * channels + 1
+        self.linear = nn.Linear(per_token, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.register_buffer(
+            "scale",
+            torch.ones(channels) if scale is None else torch.as_tensor(scale, dtype=torch.float32),
+        )
+
+    def forward(self, curves: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        from fastcore.nn.temporal import masked_segment_pool
+
+        batch, steps, channels = curves.shape
+        if mask is None:
+            mask = torch.ones(batch, steps, dtype=torch.bool, device=curves.device)
+        x = masked_segment_pool(
+            curves / self.scale.to(curves.dtype), mask.bool(), self.segments * self.points, "mean"
+        ).view(batch, self.segments, self.points, channels)
+        if self.tokens == "channel":  # (B, C S, P + C), variable-major
+            x = x.permute(0, 3, 1, 2).reshape(batch, channels * self.segments, self.points)
+            which = torch.arange(channels, device=curves.device).repeat_interleave(self.segments)
+            onehot = torch.nn.functional.one_hot(which, channels).to(x.dtype)
+            x = torch.cat([x, onehot.expand(batch, -1, -1)], -1)
+        else:  # (B, S, P C)
+            x = x.reshape(batch, self.segments, self.points * channels)
+        length = mask.sum(1).to(x.dtype) / self.length_scale
+        x = torch.cat([x, length[:, None, None].expand(-1, x.shape[1], 1)], -1)
+        return self.norm(self.linear(x))
 
 
 def warm_up_lm(
@@ -133,11 +219,18 @@ def warm_up_lm(
     lr: float,
     seed: int,
     device: torch.device,
+    reader: nn.Module | None = None,
 ) -> list[float]:
-    """Train ``lm`` on the text of ``dataset`` (prompt -> target, no curve): AdamW, 20
+    """Train ``lm`` on ``dataset`` (prompt -> target): on the text alone, or with the
+    prefix of ``reader`` (a :class:`CurveProbe`, trained along) before it. AdamW, 20
     warm-up steps then cosine decay, gradient clipping at 1. Returns the loss per step."""
+    from fastcore.models.temporal_llm import prefixed_inputs
+
     lm.to(device).train()
     params = [p for p in lm.parameters() if p.requires_grad]
+    if reader is not None:
+        reader.to(device).train()
+        params += list(reader.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = min(20, max(steps // 10, 1))
 
@@ -153,7 +246,11 @@ def warm_up_lm(
     for step in range(steps):
         idx = torch.randint(0, len(dataset), (batch_size,), generator=g).tolist()
         b = collate_temporal([dataset[i] for i in idx], pad_id=dataset.eos_id_model).to(device)
-        out = lm(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+        if reader is None:
+            out = lm(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+        else:
+            prefix = reader(b.curves, b.curve_mask)
+            out = lm(**prefixed_inputs(lm, prefix, b.input_ids, b.attention_mask, b.labels))
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"LM warm-up step {step}: loss {out.loss.item()}")
         out.loss.backward()
@@ -189,8 +286,8 @@ def build_lm(
     from transformers import Qwen2ForCausalLM
 
     vocab = dataset.vocab
-    path = Path(mcfg.lm_path) if mcfg.lm_path else ctx.run_dir / "lm.pt"
     key = _warmup_key(data, mcfg, vocab, ctx.seed)
+    path = Path(mcfg.lm_path.format(key=key)) if mcfg.lm_path else ctx.run_dir / "lm.pt"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ctx.seed)
         lm = Qwen2ForCausalLM(_lm_config(mcfg, len(vocab)))
@@ -202,8 +299,27 @@ def build_lm(
     else:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if ctx.rank == 0:
+            reader = None
+            if mcfg.lm_reader == "probe":
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(ctx.seed + 1)
+                    reader = CurveProbe(
+                        len(RESOURCES),
+                        mcfg.hidden,
+                        mcfg.prefix_tokens,
+                        mcfg.tokens,
+                        mcfg.lm_reader_points,
+                        scale=torch.tensor([r.hi for r in RESOURCES]),
+                    )
             losses = warm_up_lm(
-                lm, dataset, mcfg.lm_steps, mcfg.lm_batch_size, mcfg.lm_lr, ctx.seed, ctx.device
+                lm,
+                dataset,
+                mcfg.lm_steps,
+                mcfg.lm_batch_size,
+                mcfg.lm_lr,
+                ctx.seed,
+                ctx.device,
+                reader,
             )
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -218,6 +334,7 @@ def build_lm(
             losses = saved["losses"].tolist()
     return lm, {
         "source": "tiny Qwen2 from config",
+        "reader": mcfg.lm_reader,
         "config": {
             k: getattr(mcfg, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate")
         },
@@ -274,6 +391,8 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
     from fastcore.nn.temporal import TemporalEncoder
 
     data, mcfg = cfg.data, cfg.model
+    if mcfg.lm_reader not in ("probe", "none"):
+        raise ValueError(f"model.lm_reader must be 'probe' or 'none', got {mcfg.lm_reader!r}")
     if data.size < 1 or data.val_size < 2 or data.eval_samples < 2:
         raise ValueError(
             f"data.size must be >= 1 and data.val_size, data.eval_samples >= 2, got "
@@ -299,6 +418,7 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
         scale=torch.tensor([r.hi for r in RESOURCES]),
         pooling=mcfg.pooling,
         projector_layers=mcfg.projector_layers,
+        tokens=mcfg.tokens,
     )
     model = TemporalLLMWrapper(lm, encoder)
     pad_id = train_set.eos_id_model
@@ -344,15 +464,18 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
         lines = [
             f"LM: {lm_info['source']}, hidden {llm_hidden_size(lm)}, vocabulary "
             f"{lm_info['vocab']}, frozen ({sum(p.numel() for p in lm.parameters())} params)",
-            f"encoder: {sum(p.numel() for p in encoder.parameters())} params, k "
-            f"{mcfg.prefix_tokens} prefix tokens, kernels {mcfg.kernel_sizes}, depth "
+            f"encoder: {sum(p.numel() for p in encoder.parameters())} params, "
+            f"{encoder.prefix_tokens} prefix tokens ({mcfg.prefix_tokens} segments, tokens "
+            f"per {mcfg.tokens}), kernels {mcfg.kernel_sizes}, depth "
             f"{mcfg.depth}, pooling {mcfg.pooling}, projector {mcfg.projector_layers} layers",
             f"data: {data.size} training items (seed {data.seed}), {data.val_size} validation "
             f"items (seed {val_seed}, equal task mix), training task mix {data.task_mix}",
         ]
         if lm_info.get("warmup_steps"):
+            how = "with the throwaway curve probe" if mcfg.lm_reader == "probe" else "text only"
             lines.append(
-                f"LM warm-up: {lm_info['warmup_steps']} steps, loss "
+                f"LM warm-up ({how}): "
+                f"{lm_info['warmup_steps']} steps, loss "
                 f"{lm_info['warmup_loss_first']:.3f} -> {lm_info['warmup_loss_last']:.3f}"
             )
         return "\n".join(lines)

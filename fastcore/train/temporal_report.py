@@ -14,7 +14,9 @@ wrong curves). Per condition and task:
 * ``classification_accuracy``: the trend direction / feasibility outcome of the generation
   (:func:`~fastcore.data.text_facts.classify`) against the truth.
 
-``reference`` scores the true targets the same way (the ceiling the number formats allow:
+``comparison`` holds aligned minus shuffled numeric and classification accuracy with a
+paired bootstrap interval (:func:`paired_comparison`). ``reference`` scores the true
+targets the same way (the ceiling the number formats allow:
 ``"about 6 cores"`` for 6.4 is outside 5%). :func:`write_report` writes the HTML report:
 the tables, the loss curves and examples with their curve plots side by side.
 """
@@ -37,7 +39,7 @@ from fastcore.data.resources import RESOURCES
 from fastcore.data.temporal_pretrain import TemporalPretrainDataset, collate_temporal
 from fastcore.data.text_facts import classify, score_numbers
 
-__all__ = ["evaluate_alignment", "write_report"]
+__all__ = ["evaluate_alignment", "paired_comparison", "write_report"]
 
 CONDITIONS = ("aligned", "shuffled")
 _LABELLED = ("trend", "feasibility")
@@ -131,47 +133,93 @@ def evaluate_alignment(
         }
         for i in range(n)
     ]
+    result["comparison"] = paired_comparison(truths, texts["aligned"], texts["shuffled"], seed=seed)
     a, s = result["conditions"]["aligned"], result["conditions"]["shuffled"]
+    cmp = result["comparison"]
+
+    def delta(name: str) -> str:
+        if name not in cmp:
+            return ""
+        lo, hi = cmp[name]["ci95"]
+        return f" (difference 95% CI [{lo:+.3f}, {hi:+.3f}])"
+
     result["summary_line"] = (
         f"aligned vs shuffled-curve control on {n} held-out items: numeric accuracy "
-        f"{a['numeric_accuracy']:.3f} vs {s['numeric_accuracy']:.3f}, classification accuracy "
-        f"{a['classification_accuracy']:.3f} vs {s['classification_accuracy']:.3f}, answer "
-        f"perplexity {a['perplexity']:.3f} vs {s['perplexity']:.3f}"
+        f"{a['numeric_accuracy']:.3f} vs {s['numeric_accuracy']:.3f}"
+        f"{delta('numeric_accuracy')}, classification accuracy "
+        f"{a['classification_accuracy']:.3f} vs {s['classification_accuracy']:.3f}"
+        f"{delta('classification_accuracy')}, answer perplexity {a['perplexity']:.3f} vs "
+        f"{s['perplexity']:.3f}"
     )
     return result
 
 
+def _per_item(truths, texts: list[str]) -> dict[str, np.ndarray]:
+    """Per item: ``facts`` stated in its truth, ``facts_right`` of them in ``text``,
+    ``labelled`` (1 for trend/feasibility) and ``labels_right``."""
+    out = {k: np.zeros(len(truths)) for k in ("facts", "facts_right", "labelled", "labels_right")}
+    for i, (desc, text) in enumerate(zip(truths, texts, strict=True)):
+        right = score_numbers(desc, text)
+        out["facts"][i] = len(right)
+        out["facts_right"][i] = sum(right.values())
+        if desc.task in _LABELLED:
+            out["labelled"][i] = 1
+            out["labels_right"][i] = classify(desc.task, text) == desc.label
+    return out
+
+
 def _scores(truths, texts: list[str]) -> dict:
     """Numeric and classification accuracy of ``texts`` against the descriptions."""
-    per_task = {t: {"facts": 0, "facts_right": 0, "labelled": 0, "labels_right": 0} for t in TASKS}
-    for desc, text in zip(truths, texts, strict=True):
-        row = per_task[desc.task]
-        right = score_numbers(desc, text)
-        row["facts"] += len(right)
-        row["facts_right"] += sum(right.values())
-        if desc.task in _LABELLED:
-            row["labelled"] += 1
-            row["labels_right"] += classify(desc.task, text) == desc.label
+    item = _per_item(truths, texts)
+    task_of = np.array([d.task for d in truths])
+
+    def ratio(num, den, sel):
+        d = den[sel].sum()
+        return float(num[sel].sum() / d) if d else None
+
     tasks = {}
-    for t, row in per_task.items():
+    for t in TASKS:
+        sel = task_of == t
         tasks[t] = {
-            "samples": sum(d.task == t for d in truths),
-            "numeric_accuracy": row["facts_right"] / row["facts"] if row["facts"] else None,
+            "samples": int(sel.sum()),
+            "numeric_accuracy": ratio(item["facts_right"], item["facts"], sel),
         }
         if t in _LABELLED:
-            tasks[t]["classification_accuracy"] = (
-                row["labels_right"] / row["labelled"] if row["labelled"] else None
-            )
-    facts = sum(r["facts"] for r in per_task.values())
-    labelled = sum(r["labelled"] for r in per_task.values())
+            tasks[t]["classification_accuracy"] = ratio(item["labels_right"], item["labelled"], sel)
+    every = np.ones(len(truths), dtype=bool)
     return {
-        "numeric_accuracy": sum(r["facts_right"] for r in per_task.values()) / max(facts, 1),
-        "classification_accuracy": sum(r["labels_right"] for r in per_task.values())
-        / max(labelled, 1),
-        "facts": facts,
-        "labelled": labelled,
+        "numeric_accuracy": ratio(item["facts_right"], item["facts"], every) or 0.0,
+        "classification_accuracy": ratio(item["labels_right"], item["labelled"], every) or 0.0,
+        "facts": int(item["facts"].sum()),
+        "labelled": int(item["labelled"].sum()),
         "tasks": tasks,
     }
+
+
+def paired_comparison(
+    truths, aligned: list[str], shuffled: list[str], resamples: int = 2000, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Aligned minus shuffled numeric and classification accuracy with a paired bootstrap
+    over items (both conditions scored on the same resampled items): ``difference``,
+    ``ci95`` (2.5th and 97.5th percentiles) and ``p_not_better`` (the share of resamples
+    whose difference is <= 0, a one-sided bootstrap p-value)."""
+    a, s = _per_item(truths, aligned), _per_item(truths, shuffled)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(truths), size=(resamples, len(truths)))
+    out = {}
+    for name, num, den in (
+        ("numeric_accuracy", "facts_right", "facts"),
+        ("classification_accuracy", "labels_right", "labelled"),
+    ):
+        if not a[den].sum():
+            continue
+        diff = (a[num] - s[num])[draws].sum(1) / np.maximum(a[den][draws].sum(1), 1)
+        out[name] = {
+            "difference": float((a[num].sum() - s[num].sum()) / a[den].sum()),
+            "ci95": [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))],
+            "p_not_better": float((diff <= 0).mean()),
+        }
+    return out
 
 
 # ----------------------------------------------------------------------------- report
@@ -310,6 +358,20 @@ def write_report(
             + "</tr>"
         )
     parts.append("</table><p>Each cell: aligned / shuffled control.</p>")
+    if result.get("comparison"):
+        parts.append(
+            "<h2>Aligned minus control</h2><p>Paired bootstrap over the items (2000 "
+            "resamples): the difference, its 95% interval and the share of resamples where "
+            "the aligned encoder is not better.</p><table><tr><th>metric</th>"
+            "<th>difference</th><th>95% CI</th><th>p (not better)</th></tr>"
+        )
+        for name, c in result["comparison"].items():
+            lo, hi = c["ci95"]
+            parts.append(
+                f"<tr><td>{name.replace('_', ' ')}</td><td>{c['difference']:+.3f}</td>"
+                f"<td>[{lo:+.3f}, {hi:+.3f}]</td><td>{c['p_not_better']:.4f}</td></tr>"
+            )
+        parts.append("</table>")
     if "lm" in result:
         parts.append(f"<h2>LM</h2><pre>{html.escape(json.dumps(result['lm'], indent=1))}</pre>")
     loss = _loss_plot(metrics_jsonl) if metrics_jsonl is not None else None
