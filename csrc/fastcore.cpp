@@ -57,6 +57,16 @@ TORCH_LIBRARY(fastcore, m) {
   m.def(
       "spmm_edge_grad(Tensor grad, Tensor x, Tensor ptr, Tensor col, Tensor t_ptr, Tensor t_col, "
       "Tensor t_edge, int dim) -> Tensor");
+  // Depthwise convolution along time (dim 1) with K taps per channel (the last dim C):
+  //   out[b, t, ..., c] = bias[c] + sum_{k < K, 0 <= s < T} weight[k, c] * x[b, s, ..., c]
+  // with s = t - k (causal) or, when reverse, s = t + k (its transpose: the input gradient
+  // of the causal one). weight [K, C] and bias [C] (optional) in x's dtype; half types
+  // accumulate in float32. Deterministic.
+  m.def("time_conv(Tensor x, Tensor weight, Tensor? bias, bool reverse) -> Tensor");
+  // Its weight gradient [K, C]: out[k, c] = sum over b, t and the middle dims of
+  //   grad[b, t, ..., c] * x[b, s, ..., c], s = t - k (or t + k when reverse), 0 <= s < T,
+  // summed in float64 in a fixed order (deterministic).
+  m.def("time_conv_weight_grad(Tensor grad, Tensor x, int kernel_size, bool reverse) -> Tensor");
   // Fused KV-cache projection over G groups (one per layer and K/V), see
   // fastcore/reference/kv.py for the contract: kv holds G tensors [B, Ht, Tt, Dt];
   // head_mix [G, Hs, Ht]; dim_proj [G, Dt, Ds] (shared) or [G, Ht, Dt, Ds] (per teacher

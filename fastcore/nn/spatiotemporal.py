@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastcore import _backend
 from fastcore.graph import NORMALIZATIONS, Graph
-from fastcore.ops import spmm
+from fastcore.ops import spmm, time_conv
 
 
 def _check_graph(graph: Graph, num_nodes: int, what: str) -> None:
@@ -109,10 +110,15 @@ class SpatioTemporalBlock(nn.Module):
 
     def temporal(self, x: torch.Tensor) -> torch.Tensor:
         """Causal depthwise conv over T on ``x (B, T, N, F*H)``: ``y[:, t] = b + sum_k w[k] *
-        x[:, t - k]`` (zeros before t = 0), as kernel_size shifted multiply-adds in place on
-        one output buffer (no padded copies of x)."""
+        x[:, t - k]`` (zeros before t = 0): :func:`fastcore.ops.time_conv` (one pass over x)
+        on its CPU or Triton backend; on the reference backend kernel_size shifted
+        multiply-adds in place on one output buffer (no padded copies of x)."""
         steps = x.shape[1]
         weight = self.temporal_weight.flatten(1)  # (kernel_size, F*H)
+        forced = _backend.get_backend()  # a forced backend without time_conv: the composite
+        usable = forced is None or forced in _backend._OPS["time_conv"].backends
+        if usable and _backend.resolve("time_conv", x.device) != "reference":
+            return time_conv(x, weight, self.temporal_bias.flatten())
         y = torch.addcmul(self.temporal_bias.flatten(), x, weight[0])
         for k in range(1, min(self.kernel_size, steps)):
             y[:, k:].addcmul_(x[:, : steps - k], weight[k])

@@ -7,6 +7,7 @@ from fastcore.ops.kv import kv_distill_loss, kv_project
 from fastcore.ops.resample import build_safe_linear_indices, safe_time_resample
 from fastcore.ops.segment import scatter, segment, segment_csr
 from fastcore.ops.spmm import spmm
+from fastcore.ops.time_conv import time_conv
 
 __all__ = [
     "build_safe_linear_indices",
@@ -20,4 +21,5 @@ __all__ = [
     "segment",
     "segment_csr",
     "spmm",
+    "time_conv",
 ]

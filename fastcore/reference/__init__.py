@@ -8,6 +8,7 @@ from fastcore.reference.gather import csr_sum, gather
 from fastcore.reference.segment import scatter, scatter_arg, segment, segment_reduce
 from fastcore.reference.spatiotemporal import spatiotemporal_block
 from fastcore.reference.spmm import spmm, spmm_csr
+from fastcore.reference.time_conv import time_conv, time_conv_weight_grad
 
 __all__ = [
     "csr_sum",
@@ -19,4 +20,6 @@ __all__ = [
     "spatiotemporal_block",
     "spmm",
     "spmm_csr",
+    "time_conv",
+    "time_conv_weight_grad",
 ]
