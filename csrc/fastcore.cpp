@@ -67,6 +67,20 @@ TORCH_LIBRARY(fastcore, m) {
   //   grad[b, t, ..., c] * x[b, s, ..., c], s = t - k (or t + k when reverse), 0 <= s < T,
   // summed in float64 in a fixed order (deterministic).
   m.def("time_conv_weight_grad(Tensor grad, Tensor x, int kernel_size, bool reverse) -> Tensor");
+  // The spatiotemporal block's tail, fused: h, x [..., F, H]; weight [F, H, H]; bias,
+  // gamma, beta [F, H]:
+  //   out[..., f, :] = x[..., f, :] + res_scale * (gamma[f] * LN(h[..., f, :] @ weight[f]
+  //                    + bias[f]) + beta[f])
+  // with LN the normalisation over H (biased variance, eps). Half types compute in float32.
+  m.def(
+      "linear_norm_residual(Tensor h, Tensor x, Tensor weight, Tensor bias, Tensor gamma, "
+      "Tensor beta, float res_scale, float eps) -> Tensor");
+  // Its backward for h and the parameters (x's gradient is grad itself), the statistics
+  // recomputed from h: (grad_h, grad_weight, grad_bias, grad_gamma, grad_beta), parameter
+  // gradients summed in float64 over fixed tiles of rows, in order (deterministic).
+  m.def(
+      "linear_norm_residual_backward(Tensor grad, Tensor h, Tensor weight, Tensor bias, "
+      "Tensor gamma, float res_scale, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Fused KV-cache projection over G groups (one per layer and K/V), see
   // fastcore/reference/kv.py for the contract: kv holds G tensors [B, Ht, Tt, Dt];
   // head_mix [G, Hs, Ht]; dim_proj [G, Dt, Ds] (shared) or [G, Ht, Dt, Ds] (per teacher

@@ -95,3 +95,19 @@ def backend_dtype_params(op: str, dtypes) -> list:
                     pytest.param(device, backend, dtype, id=f"{p.id}-{name}", marks=p.marks)
                 )
     return cases
+
+
+def assert_same_across_threads(fn, counts=(1, 2, 3)) -> None:
+    """Run ``fn()`` (a tuple of tensors) with each intra-op thread count in ``counts`` and
+    assert every result is bit-identical to the first (the thread count is restored)."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(tuple(fn()))
+    finally:
+        torch.set_num_threads(threads)
+    for n, other in zip(counts[1:], results[1:], strict=True):
+        for i, (a, b) in enumerate(zip(results[0], other, strict=True)):
+            assert torch.equal(a, b), f"result {i} with {n} threads differs from {counts[0]}"

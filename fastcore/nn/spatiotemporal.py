@@ -14,7 +14,7 @@ from torch import nn
 
 from fastcore import _backend
 from fastcore.graph import NORMALIZATIONS, Graph
-from fastcore.ops import spmm, time_conv
+from fastcore.ops import linear_norm_residual, spmm, time_conv
 
 
 def _check_graph(graph: Graph, num_nodes: int, what: str) -> None:
@@ -108,6 +108,15 @@ class SpatioTemporalBlock(nn.Module):
             self.temporal_weight[0] += 1.0
             nn.init.normal_(self.linear_weight, 0.0, self.hidden**-0.5)
 
+    @staticmethod
+    def _uses(op: str, device: torch.device) -> bool:
+        """Whether ``op`` runs a compiled or Triton backend here (a forced backend ``op``
+        does not implement, or the reference, keeps the composite)."""
+        forced = _backend.get_backend()
+        if forced is not None and forced not in _backend._OPS[op].backends:
+            return False
+        return _backend.resolve(op, device) != "reference"
+
     def temporal(self, x: torch.Tensor) -> torch.Tensor:
         """Causal depthwise conv over T on ``x (B, T, N, F*H)``: ``y[:, t] = b + sum_k w[k] *
         x[:, t - k]`` (zeros before t = 0): :func:`fastcore.ops.time_conv` (one pass over x)
@@ -115,9 +124,7 @@ class SpatioTemporalBlock(nn.Module):
         multiply-adds in place on one output buffer (no padded copies of x)."""
         steps = x.shape[1]
         weight = self.temporal_weight.flatten(1)  # (kernel_size, F*H)
-        forced = _backend.get_backend()  # a forced backend without time_conv: the composite
-        usable = forced is None or forced in _backend._OPS["time_conv"].backends
-        if usable and _backend.resolve("time_conv", x.device) != "reference":
+        if self._uses("time_conv", x.device):
             return time_conv(x, weight, self.temporal_bias.flatten())
         y = torch.addcmul(self.temporal_bias.flatten(), x, weight[0])
         for k in range(1, min(self.kernel_size, steps)):
@@ -144,6 +151,16 @@ class SpatioTemporalBlock(nn.Module):
         pairs = h.view(batch, steps, nodes * self.num_features, self.hidden)
         pairs = pairs + spmm(pairs, causal, self.causal_gate(causal, h.dtype), dim=2)
         h = pairs.view(x.shape)
+        if self._uses("linear_norm_residual", x.device):  # steps 4-6 in one pass
+            return linear_norm_residual(
+                h,
+                x,
+                self.linear_weight,
+                self.linear_bias,
+                self.norm_weight,
+                self.norm_bias,
+                self.res_scale,
+            )
         h = torch.einsum("btnfh,fhk->btnfk", h, self.linear_weight).reshape(x4.shape)
         h = h + self.linear_bias.flatten()
         h = F.layer_norm(h.view(x.shape), (self.hidden,)).view(x4.shape)

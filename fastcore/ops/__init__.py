@@ -4,6 +4,7 @@
 from fastcore.ops._csr import index_csr
 from fastcore.ops.gather import gather, gather_add
 from fastcore.ops.kv import kv_distill_loss, kv_project
+from fastcore.ops.linear_norm import linear_norm_residual
 from fastcore.ops.resample import build_safe_linear_indices, safe_time_resample
 from fastcore.ops.segment import scatter, segment, segment_csr
 from fastcore.ops.spmm import spmm
@@ -16,6 +17,7 @@ __all__ = [
     "index_csr",
     "kv_distill_loss",
     "kv_project",
+    "linear_norm_residual",
     "safe_time_resample",
     "scatter",
     "segment",

@@ -5,6 +5,7 @@ as the ``reference`` backend.
 """
 
 from fastcore.reference.gather import csr_sum, gather
+from fastcore.reference.linear_norm import linear_norm_residual
 from fastcore.reference.segment import scatter, scatter_arg, segment, segment_reduce
 from fastcore.reference.spatiotemporal import spatiotemporal_block
 from fastcore.reference.spmm import spmm, spmm_csr
@@ -13,6 +14,7 @@ from fastcore.reference.time_conv import time_conv, time_conv_weight_grad
 __all__ = [
     "csr_sum",
     "gather",
+    "linear_norm_residual",
     "scatter",
     "scatter_arg",
     "segment",
