@@ -153,3 +153,12 @@ def resolve(op: str, device: torch.device) -> str:
         if backend in spec.backends and usable(backend, device_type):
             return backend
     return "reference"
+
+
+def runs_kernel(op: str, device: torch.device) -> bool:
+    """Whether ``op`` runs a compiled or Triton kernel on ``device`` for this call. False on
+    the reference, and when the forced backend does not implement ``op`` (where
+    :func:`resolve` raises): for layers that keep a composite of their own for that case."""
+    if _forced is not None and _forced not in _OPS[op].backends:
+        return False
+    return resolve(op, device) != "reference"

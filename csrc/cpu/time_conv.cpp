@@ -28,6 +28,12 @@ struct TimeView {
   int64_t outer, steps, rows, channels;  // x as [outer, steps, rows * channels]
 };
 
+TimeView view_of(const at::Tensor& x) {
+  TimeView v{x.size(0), x.size(1), 1, x.size(-1)};
+  for (int64_t d = 2; d < x.dim() - 1; ++d) v.rows *= x.size(d);
+  return v;
+}
+
 TimeView check_time_conv(const at::Tensor& x, const at::Tensor& weight, const char* op) {
   TORCH_CHECK_VALUE(x.dim() >= 3, op, ": x must be [B, T, ..., C] (at least 3 dims), got shape ",
                     x.sizes());
@@ -40,9 +46,7 @@ TimeView check_time_conv(const at::Tensor& x, const at::Tensor& weight, const ch
                    weight.scalar_type(), " must equal x's dtype ", x.scalar_type());
   TORCH_CHECK_VALUE(weight.device() == x.device(), op, ": weight is on ", weight.device(),
                     " but x is on ", x.device());
-  TimeView v{x.size(0), x.size(1), 1, x.size(-1)};
-  for (int64_t d = 2; d < x.dim() - 1; ++d) v.rows *= x.size(d);
-  return v;
+  return view_of(x);
 }
 
 int64_t tile_rows(const TimeView& v, int64_t elem) {
@@ -159,8 +163,7 @@ at::Tensor time_conv_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x
                     " must equal x's shape ", x.sizes());
   TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), op, ": grad dtype ", grad.scalar_type(),
                    " must equal x's dtype ", x.scalar_type());
-  TimeView v{x.size(0), x.size(1), 1, x.size(-1)};
-  for (int64_t d = 2; d < x.dim() - 1; ++d) v.rows *= x.size(d);
+  const TimeView v = view_of(x);
   auto out = at::zeros({kernel_size, v.channels}, x.options());
   if (x.numel() == 0) return out;
   const auto g_c = grad.contiguous();

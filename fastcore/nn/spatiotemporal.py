@@ -108,15 +108,6 @@ class SpatioTemporalBlock(nn.Module):
             self.temporal_weight[0] += 1.0
             nn.init.normal_(self.linear_weight, 0.0, self.hidden**-0.5)
 
-    @staticmethod
-    def _uses(op: str, device: torch.device) -> bool:
-        """Whether ``op`` runs a compiled or Triton backend here (a forced backend ``op``
-        does not implement, or the reference, keeps the composite)."""
-        forced = _backend.get_backend()
-        if forced is not None and forced not in _backend._OPS[op].backends:
-            return False
-        return _backend.resolve(op, device) != "reference"
-
     def temporal(self, x: torch.Tensor) -> torch.Tensor:
         """Causal depthwise conv over T on ``x (B, T, N, F*H)``: ``y[:, t] = b + sum_k w[k] *
         x[:, t - k]`` (zeros before t = 0): :func:`fastcore.ops.time_conv` (one pass over x)
@@ -124,7 +115,7 @@ class SpatioTemporalBlock(nn.Module):
         multiply-adds in place on one output buffer (no padded copies of x)."""
         steps = x.shape[1]
         weight = self.temporal_weight.flatten(1)  # (kernel_size, F*H)
-        if self._uses("time_conv", x.device):
+        if _backend.runs_kernel("time_conv", x.device):
             return time_conv(x, weight, self.temporal_bias.flatten())
         y = torch.addcmul(self.temporal_bias.flatten(), x, weight[0])
         for k in range(1, min(self.kernel_size, steps)):
@@ -151,7 +142,7 @@ class SpatioTemporalBlock(nn.Module):
         pairs = h.view(batch, steps, nodes * self.num_features, self.hidden)
         pairs = pairs + spmm(pairs, causal, self.causal_gate(causal, h.dtype), dim=2)
         h = pairs.view(x.shape)
-        if self._uses("linear_norm_residual", x.device):  # steps 4-6 in one pass
+        if _backend.runs_kernel("linear_norm_residual", x.device):  # steps 4-6 in one pass
             return linear_norm_residual(
                 h,
                 x,

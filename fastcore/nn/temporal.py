@@ -52,6 +52,15 @@ def masked_segment_pool(
     return peak if pooling == "max" else torch.cat([mean, peak], -1)
 
 
+def variable_onehot(
+    batch: int, channels: int, segments: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``(batch, channels * segments, channels)``: the one-hot of the variable of each token
+    in the variable-major ``tokens="channel"`` layout (variable c owns tokens c k .. c k + k - 1)."""
+    which = torch.arange(channels, device=device).repeat_interleave(segments)
+    return F.one_hot(which, channels).to(dtype).expand(batch, -1, -1)
+
+
 class TemporalEncoder(nn.Module):
     """Multi-kernel 1D-CNN + masked pooling + projector (see the module docstring).
 
@@ -148,7 +157,6 @@ class TemporalEncoder(nn.Module):
         pooled = masked_segment_pool(h, mask, self.segments, self.pooling)
         if self.tokens == "channel":  # (B C, k, F) -> (B, C k, F + C), variable-major
             pooled = pooled.view(batch, channels * self.segments, -1)
-            which = torch.arange(channels, device=curves.device).repeat_interleave(self.segments)
-            onehot = F.one_hot(which, channels).to(pooled.dtype).expand(batch, -1, -1)
+            onehot = variable_onehot(batch, channels, self.segments, pooled.dtype, curves.device)
             pooled = torch.cat([pooled, onehot], -1)
         return self.projector(pooled)

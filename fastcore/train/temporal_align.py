@@ -110,6 +110,11 @@ class ModelConfig:
     projector_layers: int = option(2, "encoder: Linear layers of the projector")
 
 
+def resource_scale() -> torch.Tensor:
+    """Each resource's upper bound, the divisor that puts curves on a 0..1 scale."""
+    return torch.tensor([r.hi for r in RESOURCES])
+
+
 def _lm_config(mcfg: ModelConfig, vocab_size: int):
     from transformers import Qwen2Config
 
@@ -191,7 +196,7 @@ class CurveProbe(nn.Module):
         )
 
     def forward(self, curves: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        from fastcore.nn.temporal import masked_segment_pool
+        from fastcore.nn.temporal import masked_segment_pool, variable_onehot
 
         batch, steps, channels = curves.shape
         if mask is None:
@@ -201,9 +206,8 @@ class CurveProbe(nn.Module):
         ).view(batch, self.segments, self.points, channels)
         if self.tokens == "channel":  # (B, C S, P + C), variable-major
             x = x.permute(0, 3, 1, 2).reshape(batch, channels * self.segments, self.points)
-            which = torch.arange(channels, device=curves.device).repeat_interleave(self.segments)
-            onehot = torch.nn.functional.one_hot(which, channels).to(x.dtype)
-            x = torch.cat([x, onehot.expand(batch, -1, -1)], -1)
+            onehot = variable_onehot(batch, channels, self.segments, x.dtype, curves.device)
+            x = torch.cat([x, onehot], -1)
         else:  # (B, S, P C)
             x = x.reshape(batch, self.segments, self.points * channels)
         length = mask.sum(1).to(x.dtype) / self.length_scale
@@ -309,7 +313,7 @@ def build_lm(
                         mcfg.prefix_tokens,
                         mcfg.tokens,
                         mcfg.lm_reader_points,
-                        scale=torch.tensor([r.hi for r in RESOURCES]),
+                        scale=resource_scale(),
                     )
             losses = warm_up_lm(
                 lm,
@@ -415,7 +419,7 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
         kernel_sizes=tuple(mcfg.kernel_sizes),
         depth=mcfg.depth,
         prefix_tokens=mcfg.prefix_tokens,
-        scale=torch.tensor([r.hi for r in RESOURCES]),
+        scale=resource_scale(),
         pooling=mcfg.pooling,
         projector_layers=mcfg.projector_layers,
         tokens=mcfg.tokens,

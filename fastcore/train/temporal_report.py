@@ -108,9 +108,10 @@ def evaluate_alignment(
         model.train()
     result: dict = {"samples": n, "conditions": {}}
     truths = [s[1] for s in samples]
-    result["reference"] = _scores(truths, [d.target for d in truths])
+    result["reference"] = _scores(truths, _per_item(truths, [d.target for d in truths]))
+    items_of = {cond: _per_item(truths, texts[cond]) for cond in CONDITIONS}  # scored once
     for cond in CONDITIONS:
-        scores = _scores(truths, texts[cond])
+        scores = _scores(truths, items_of[cond])
         st = stats[cond]
         for t, task in enumerate(TASKS):
             if st["count"][t]:
@@ -133,7 +134,7 @@ def evaluate_alignment(
         }
         for i in range(n)
     ]
-    result["comparison"] = paired_comparison(truths, texts["aligned"], texts["shuffled"], seed=seed)
+    result["comparison"] = _paired(items_of["aligned"], items_of["shuffled"], 2000, seed)
     a, s = result["conditions"]["aligned"], result["conditions"]["shuffled"]
     cmp = result["comparison"]
 
@@ -168,9 +169,8 @@ def _per_item(truths, texts: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def _scores(truths, texts: list[str]) -> dict:
-    """Numeric and classification accuracy of ``texts`` against the descriptions."""
-    item = _per_item(truths, texts)
+def _scores(truths, item: dict[str, np.ndarray]) -> dict:
+    """Numeric and classification accuracy from the per-item scores of :func:`_per_item`."""
     task_of = np.array([d.task for d in truths])
 
     def ratio(num, den, sel):
@@ -203,9 +203,16 @@ def paired_comparison(
     over items (both conditions scored on the same resampled items): ``difference``,
     ``ci95`` (2.5th and 97.5th percentiles) and ``p_not_better`` (the share of resamples
     whose difference is <= 0, a one-sided bootstrap p-value)."""
-    a, s = _per_item(truths, aligned), _per_item(truths, shuffled)
+    return _paired(_per_item(truths, aligned), _per_item(truths, shuffled), resamples, seed)
+
+
+def _paired(
+    a: dict[str, np.ndarray], s: dict[str, np.ndarray], resamples: int, seed: int
+) -> dict[str, dict[str, float]]:
+    """:func:`paired_comparison` on per-item scores."""
+    n = len(a["facts"])
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(truths), size=(resamples, len(truths)))
+    draws = rng.integers(0, n, size=(resamples, n))
     out = {}
     for name, num, den in (
         ("numeric_accuracy", "facts_right", "facts"),
