@@ -48,7 +48,7 @@ def extension():
     with_cuda = want_cuda()
     debug = flag("FASTCORE_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = [*opt, "-fopenmp", "-std=c++20", "-Wall", "-Wno-unknown-pragmas"]
+    cxx = [*opt, "-fopenmp", "-std=c++20", "-ffp-contract=fast", "-Wall", "-Wno-unknown-pragmas"]
     files = [*sources("csrc/*.cpp"), *sources("csrc/cpu/*.cpp")]
     macros = []
     kwargs = {"extra_link_args": ["-fopenmp"]}

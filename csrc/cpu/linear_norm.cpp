@@ -7,25 +7,26 @@
 // makes a dozen (einsum copies, bias, LayerNorm, affine, residual, and their backward).
 //
 // Parameter gradients: each fixed tile of rows sums its rows in order (in the accumulation
-// type) into a float64 partial, and the partials are added in tile order: results are
-// bit-identical whatever the thread count.
+// type) into a float64 partial, added in tile order (rowwise.h): results are bit-identical
+// whatever the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "rowwise.h"
 #include "simd.h"
 
 namespace fastcore {
 namespace {
-
-constexpr int64_t kTileRows = 256;  // rows per backward partial (fixed: deterministic)
 
 struct Dims {
   int64_t rows, features, hidden;
@@ -56,125 +57,188 @@ Dims check_linear_norm(const at::Tensor& h, const at::Tensor& x, const at::Tenso
   return {per_row ? h.numel() / per_row : 0, F, H};
 }
 
-// z[k] = b[k] + sum_j hr[j] W[j, k]; returns (mean, rstd) of z over H.
-template <typename acc_t, typename scalar_t>
-inline std::pair<acc_t, acc_t> linear_stats(const scalar_t* hr, const scalar_t* W,
-                                            const scalar_t* b, acc_t* z, int64_t H, double eps) {
-  for (int64_t k = 0; k < H; ++k) z[k] = static_cast<acc_t>(b[k]);
-  for (int64_t j = 0; j < H; ++j) {
-    const acc_t hj = static_cast<acc_t>(hr[j]);
-    const scalar_t* Wj = W + j * H;
+// The parameters in the accumulation type: W [F, H, H], its transpose (backward), b,
+// gamma, beta [F, H].
+template <typename acc_t>
+struct Params {
+  const acc_t *w, *wt, *b, *gamma, *beta;
+};
+
+// z[r] = b + h_r @ W for the R rows at offsets at[r] (z: [R, H]).
+template <int R, int HC, typename acc_t, typename scalar_t>
+FASTCORE_INLINE void linear_rows(const scalar_t* h, const int64_t* at, const acc_t* W,
+                                 const acc_t* b, acc_t* z, int64_t H) {
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
 #pragma omp simd
-    for (int64_t k = 0; k < H; ++k) z[k] += hj * static_cast<acc_t>(Wj[k]);
-  }
+    for (int64_t k = 0; k < H; ++k) z[r * H + k] = b[k];
+  });
+  for_n<HC>(H, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
+    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+      const acc_t hj = static_cast<acc_t>(h[at[r] + j]);
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) z[r * H + k] += hj * W[j * H + k];
+    });
+  });
+}
+
+// (mean, rstd) of one row z of H values.
+template <typename acc_t>
+FASTCORE_INLINE std::pair<acc_t, acc_t> row_stats(const acc_t* z, int64_t H, double eps) {
   acc_t mean = 0;
+#pragma omp simd reduction(+ : mean)
   for (int64_t k = 0; k < H; ++k) mean += z[k];
   mean /= static_cast<acc_t>(H);
   acc_t var = 0;
+#pragma omp simd reduction(+ : var)
   for (int64_t k = 0; k < H; ++k) var += (z[k] - mean) * (z[k] - mean);
   var /= static_cast<acc_t>(H);
   return {mean, acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps))};
 }
 
-template <typename scalar_t, int HC>
-FASTCORE_SIMD_CLONES void forward_rows(const scalar_t* h, const scalar_t* x, const scalar_t* W,
-                                       const scalar_t* b, const scalar_t* gamma,
-                                       const scalar_t* beta, scalar_t* out, const Dims& d,
-                                       double scale, double eps, int64_t begin, int64_t end) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t F = d.features, H = HC > 0 ? HC : d.hidden;  // HC: H known at compile time
-  // H fixed at compile time: the per-row vectors live on the stack
-  std::vector<acc_t> heap(HC > 0 ? 0 : H);
-  acc_t stack[HC > 0 ? HC : 1];
-  acc_t* z = HC > 0 ? stack : heap.data();
-  const acc_t s = static_cast<acc_t>(scale);
-  for (int64_t m = begin; m < end; ++m) {
-    for (int64_t f = 0; f < F; ++f) {
-      const int64_t at = (m * F + f) * H;
-      const auto [mean, rstd] =
-          linear_stats(h + at, W + f * H * H, b + f * H, z, H, eps);
-      const scalar_t* g = gamma + f * H;
-      const scalar_t* be = beta + f * H;
-      for (int64_t k = 0; k < H; ++k) {
-        const acc_t y = static_cast<acc_t>(g[k]) * (z[k] - mean) * rstd + static_cast<acc_t>(be[k]);
-        out[at + k] = static_cast<scalar_t>(static_cast<acc_t>(x[at + k]) + s * y);
-      }
+template <int R, int HC, typename acc_t, typename scalar_t>
+FASTCORE_INLINE void forward_block(const scalar_t* h, const scalar_t* x, scalar_t* out,
+                                   const int64_t* at, const Params<acc_t>& p, int64_t f,
+                                   acc_t* scratch, int64_t H_, acc_t s, double eps) {
+  const int64_t H = HC > 0 ? HC : H_;
+  BlockArrays<(HC > 0 ? R * HC : 0), acc_t> arrays;
+  acc_t* z = arrays.get(scratch);
+  linear_rows<R, HC>(h, at, p.w + f * H * H, p.b + f * H, z, H);
+  const acc_t* g = p.gamma + f * H;
+  const acc_t* be = p.beta + f * H;
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+    const auto [mean, rstd] = row_stats(z + r * H, H, eps);
+#pragma omp simd
+    for (int64_t k = 0; k < H; ++k) {
+      const acc_t y = g[k] * (z[r * H + k] - mean) * rstd + be[k];
+      out[at[r] + k] = static_cast<scalar_t>(static_cast<acc_t>(x[at[r] + k]) + s * y);
     }
-  }
+  });
 }
 
-// Rows [begin, end): dh, and the parameter gradients added into part (float64):
-// [dW (F H H) | db (F H) | dgamma (F H) | dbeta (F H)].
 template <typename scalar_t, int HC>
-FASTCORE_SIMD_CLONES void backward_rows(const scalar_t* grad, const scalar_t* h, const scalar_t* W,
-                                        const scalar_t* b, const scalar_t* gamma, scalar_t* dh,
+FASTCORE_SIMD_CLONES void forward_rows(const scalar_t* h, const scalar_t* x,
+                                       const Params<at::opmath_type<scalar_t>>& p, scalar_t* out,
+                                       const Dims& d, double scale, double eps, int64_t begin,
+                                       int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int R = block_rows<HC, 8>();
+  std::vector<acc_t> scratch(HC > 0 ? 0 : d.hidden);  // runtime widths only
+  const acc_t s = static_cast<acc_t>(scale);
+  for_row_blocks<R>(d.features, d.hidden, begin, end,
+                    [&](auto rows, const int64_t* at, int64_t f) FASTCORE_LAMBDA_INLINE {
+                      forward_block<decltype(rows)::value, HC>(h, x, out, at, p, f,
+                                                               scratch.data(), d.hidden, s, eps);
+                    });
+}
+
+// The parameter gradients of a tile, in acc_t: [dW (F H H) | db | dgamma | dbeta (F H)].
+template <typename acc_t>
+struct Grads {
+  acc_t *w, *b, *gamma, *beta;
+};
+
+template <int R, int HC, typename acc_t, typename scalar_t>
+FASTCORE_INLINE void backward_block(const scalar_t* grad, const scalar_t* h, scalar_t* dh,
+                                    const int64_t* at, const Params<acc_t>& p,
+                                    const Grads<acc_t>& q, int64_t f, acc_t* scratch,
+                                    int64_t H_, acc_t s, double eps) {
+  const int64_t H = HC > 0 ? HC : H_;
+  BlockArrays<(HC > 0 ? 3 * R * HC : 0), acc_t> arrays;
+  acc_t* z = arrays.get(scratch);  // z, then the normalised n
+  acc_t* dz = z + R * H;
+  acc_t* o = dz + R * H;
+  linear_rows<R, HC>(h, at, p.w + f * H * H, p.b + f * H, z, H);
+  const acc_t* gf = p.gamma + f * H;
+  acc_t* dgamma = q.gamma + f * H;
+  acc_t* dbeta = q.beta + f * H;
+  acc_t* db = q.b + f * H;
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+    acc_t* zr = z + r * H;
+    acc_t* dzr = dz + r * H;
+    const auto [mean, rstd] = row_stats(zr, H, eps);
+    acc_t dn_mean = 0, dn_n_mean = 0;
+#pragma omp simd reduction(+ : dn_mean, dn_n_mean)
+    for (int64_t k = 0; k < H; ++k) {
+      const acc_t n = (zr[k] - mean) * rstd;
+      const acc_t dy = s * static_cast<acc_t>(grad[at[r] + k]);
+      dgamma[k] += dy * n;
+      dbeta[k] += dy;
+      const acc_t dn = dy * gf[k];
+      dzr[k] = dn;
+      dn_mean += dn;
+      dn_n_mean += dn * n;
+      zr[k] = n;  // keep the normalised value
+    }
+    dn_mean /= static_cast<acc_t>(H);
+    dn_n_mean /= static_cast<acc_t>(H);
+#pragma omp simd
+    for (int64_t k = 0; k < H; ++k) {
+      dzr[k] = rstd * (dzr[k] - dn_mean - zr[k] * dn_n_mean);
+      db[k] += dzr[k];
+    }
+  });
+  // dh = W dz through W's transpose; dW += h dz^T
+  const acc_t* Wt = p.wt + f * H * H;
+#pragma omp simd
+  for (int64_t e = 0; e < R * H; ++e) o[e] = 0;
+  for_n<HC>(H, [&](int64_t k) FASTCORE_LAMBDA_INLINE {
+    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+      const acc_t dzk = dz[r * H + k];
+#pragma omp simd
+      for (int64_t j = 0; j < H; ++j) o[r * H + j] += dzk * Wt[k * H + j];
+    });
+  });
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) dh[at[r] + j] = static_cast<scalar_t>(o[r * H + j]);
+  });
+  acc_t* dW = q.w + f * H * H;
+  for_n<HC>(H, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
+    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+      const acc_t hj = static_cast<acc_t>(h[at[r] + j]);
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) dW[j * H + k] += hj * dz[r * H + k];
+    });
+  });
+}
+
+// Rows [begin, end): dh, and the parameter gradients added into part (float64), laid out
+// as Grads.
+template <typename scalar_t, int HC>
+FASTCORE_SIMD_CLONES void backward_rows(const scalar_t* grad, const scalar_t* h,
+                                        const Params<at::opmath_type<scalar_t>>& p, scalar_t* dh,
                                         double* part, const Dims& d, double scale, double eps,
                                         int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t F = d.features, H = HC > 0 ? HC : d.hidden;  // HC: H known at compile time
+  constexpr int R = block_rows<HC, 8>();
+  const int64_t F = d.features, H = d.hidden;
   // the tile's parameter gradients in acc_t, added into the float64 partial at the end
-  std::vector<acc_t> local(F * H * H + 3 * F * H, acc_t(0));
-  acc_t* dW = local.data();
-  acc_t* db = dW + F * H * H;
-  acc_t* dgamma = db + F * H;
-  acc_t* dbeta = dgamma + F * H;
-  std::vector<acc_t> heap(HC > 0 ? 0 : 2 * H);
-  acc_t stack[HC > 0 ? 2 * HC : 1];
-  acc_t* z = HC > 0 ? stack : heap.data();
-  acc_t* dz = z + H;
+  const int64_t size = F * H * H + 3 * F * H;
+  std::vector<acc_t> local(size, acc_t(0));
+  acc_t* base = local.data();
+  const Grads<acc_t> q{base, base + F * H * H, base + F * H * (H + 1), base + F * H * (H + 2)};
+  std::vector<acc_t> scratch(HC > 0 ? 0 : 3 * H);  // runtime widths only
   const acc_t s = static_cast<acc_t>(scale);
-  for (int64_t m = begin; m < end; ++m) {
-    for (int64_t f = 0; f < F; ++f) {
-      const int64_t at = (m * F + f) * H;
-      const scalar_t* Wf = W + f * H * H;
-      const auto [mean, rstd] = linear_stats(h + at, Wf, b + f * H, z, H, eps);
-      const scalar_t* gf = gamma + f * H;
-      acc_t dn_mean = 0, dn_n_mean = 0;
-      for (int64_t k = 0; k < H; ++k) {
-        const acc_t n = (z[k] - mean) * rstd;
-        const acc_t dy = s * static_cast<acc_t>(grad[at + k]);
-        dgamma[f * H + k] += dy * n;
-        dbeta[f * H + k] += dy;
-        const acc_t dn = dy * static_cast<acc_t>(gf[k]);
-        dz[k] = dn;
-        dn_mean += dn;
-        dn_n_mean += dn * n;
-        z[k] = n;  // keep the normalised value
-      }
-      dn_mean /= static_cast<acc_t>(H);
-      dn_n_mean /= static_cast<acc_t>(H);
-      for (int64_t k = 0; k < H; ++k) {
-        dz[k] = rstd * (dz[k] - dn_mean - z[k] * dn_n_mean);
-        db[f * H + k] += dz[k];
-      }
-      for (int64_t j = 0; j < H; ++j) {
-        const acc_t hj = static_cast<acc_t>(h[at + j]);
-        const scalar_t* Wj = Wf + j * H;
-        acc_t* dWj = dW + (f * H + j) * H;
-        acc_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t k = 0; k < H; ++k) {
-          acc += dz[k] * static_cast<acc_t>(Wj[k]);
-          dWj[k] += hj * dz[k];
-        }
-        dh[at + j] = static_cast<scalar_t>(acc);
-      }
-    }
-  }
-  for (size_t j = 0; j < local.size(); ++j) part[j] += static_cast<double>(local[j]);
+  for_row_blocks<R>(F, H, begin, end,
+                    [&](auto rows, const int64_t* at, int64_t f) FASTCORE_LAMBDA_INLINE {
+                      backward_block<decltype(rows)::value, HC>(grad, h, dh, at, p, q, f,
+                                                                scratch.data(), H, s, eps);
+                    });
+  for (int64_t j = 0; j < size; ++j) part[j] += static_cast<double>(local[j]);
 }
 
-// The kernels with H fixed at compile time for the common widths (unrolled, vectorised).
+// The kernels with H fixed at compile time for the common float32 widths (unrolled,
+// vectorised, the block's arrays in registers); every other case runs the general loops.
 template <typename scalar_t, typename Fn>
 void with_hidden(int64_t hidden, Fn&& fn) {
-  switch (hidden) {
-    case 4: fn(std::integral_constant<int, 4>{}); break;
-    case 8: fn(std::integral_constant<int, 8>{}); break;
-    case 16: fn(std::integral_constant<int, 16>{}); break;
-    case 32: fn(std::integral_constant<int, 32>{}); break;
-    case 64: fn(std::integral_constant<int, 64>{}); break;
-    default: fn(std::integral_constant<int, 0>{});
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    switch (hidden) {
+      case 8: return fn(std::integral_constant<int, 8>{});
+      case 16: return fn(std::integral_constant<int, 16>{});
+      case 32: return fn(std::integral_constant<int, 32>{});
+    }
   }
+  fn(std::integral_constant<int, 0>{});
 }
 
 at::Tensor linear_norm_residual_cpu(const at::Tensor& h, const at::Tensor& x,
@@ -184,17 +248,19 @@ at::Tensor linear_norm_residual_cpu(const at::Tensor& h, const at::Tensor& x,
   const Dims d = check_linear_norm(h, x, weight, bias, gamma, beta, "linear_norm_residual");
   auto out = at::empty(h.sizes(), h.options());
   if (out.numel() == 0) return out;
-  const auto h_c = h.contiguous(), x_c = x.contiguous(), w_c = weight.contiguous();
-  const auto b_c = bias.contiguous(), g_c = gamma.contiguous(), be_c = beta.contiguous();
+  const auto h_c = h.contiguous(), x_c = x.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "linear_norm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto W = to_acc<acc_t, scalar_t>(weight), B = to_acc<acc_t, scalar_t>(bias);
+    const auto G = to_acc<acc_t, scalar_t>(gamma), Be = to_acc<acc_t, scalar_t>(beta);
+    const Params<acc_t> p{W.data(), nullptr, B.data(), G.data(), Be.data()};
     const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, d.features * d.hidden));
     with_hidden<scalar_t>(d.hidden, [&](auto hc) {
       at::parallel_for(0, d.rows, grain, [&](int64_t begin, int64_t end) {
-        forward_rows<scalar_t, decltype(hc)::value>(
-            h_c.const_data_ptr<scalar_t>(), x_c.const_data_ptr<scalar_t>(),
-            w_c.const_data_ptr<scalar_t>(), b_c.const_data_ptr<scalar_t>(),
-            g_c.const_data_ptr<scalar_t>(), be_c.const_data_ptr<scalar_t>(),
-            out.mutable_data_ptr<scalar_t>(), d, res_scale, eps, begin, end);
+        forward_rows<scalar_t, decltype(hc)::value>(h_c.const_data_ptr<scalar_t>(),
+                                                    x_c.const_data_ptr<scalar_t>(), p,
+                                                    out.mutable_data_ptr<scalar_t>(), d,
+                                                    res_scale, eps, begin, end);
       });
     });
   });
@@ -214,33 +280,22 @@ linear_norm_residual_backward_cpu(const at::Tensor& grad, const at::Tensor& h,
   auto dgamma = at::zeros({F, H}, h.options());
   auto dbeta = at::zeros({F, H}, h.options());
   if (d.rows == 0 || F * H == 0) return {dh, dW, db, dgamma, dbeta};
-  const auto g_c = grad.contiguous(), h_c = h.contiguous(), w_c = weight.contiguous();
-  const auto b_c = bias.contiguous(), ga_c = gamma.contiguous();
-  const int64_t tiles = (d.rows + kTileRows - 1) / kTileRows;
-  const int64_t size = F * H * H + 3 * F * H;
-  std::vector<double> parts(tiles * size, 0.0);
+  const auto g_c = grad.contiguous(), h_c = h.contiguous();
+  TilePartials partials(d.rows, F * H * H + 3 * F * H);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), op, [&] {
-    with_hidden<scalar_t>(d.hidden, [&](auto hc) {
-      at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          backward_rows<scalar_t, decltype(hc)::value>(
-              g_c.const_data_ptr<scalar_t>(), h_c.const_data_ptr<scalar_t>(),
-              w_c.const_data_ptr<scalar_t>(), b_c.const_data_ptr<scalar_t>(),
-              ga_c.const_data_ptr<scalar_t>(), dh.mutable_data_ptr<scalar_t>(),
-              parts.data() + i * size, d, res_scale, eps, i * kTileRows,
-              std::min(d.rows, (i + 1) * kTileRows));
-        }
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto W = to_acc<acc_t, scalar_t>(weight), B = to_acc<acc_t, scalar_t>(bias);
+    const auto G = to_acc<acc_t, scalar_t>(gamma);
+    const auto Wt = transposed(W, F, H, H);
+    const Params<acc_t> p{W.data(), Wt.data(), B.data(), G.data(), nullptr};
+    with_hidden<scalar_t>(H, [&](auto hc) {
+      partials.run([&](int64_t begin, int64_t end, double* part) {
+        backward_rows<scalar_t, decltype(hc)::value>(
+            g_c.const_data_ptr<scalar_t>(), h_c.const_data_ptr<scalar_t>(), p,
+            dh.mutable_data_ptr<scalar_t>(), part, d, res_scale, eps, begin, end);
       });
     });
-    std::vector<double> total(size, 0.0);
-    for (int64_t i = 0; i < tiles; ++i)
-      for (int64_t j = 0; j < size; ++j) total[j] += parts[i * size + j];
-    scalar_t* outs[] = {dW.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>(),
-                        dgamma.mutable_data_ptr<scalar_t>(), dbeta.mutable_data_ptr<scalar_t>()};
-    const int64_t sizes[] = {F * H * H, F * H, F * H, F * H};
-    int64_t at = 0;
-    for (int q = 0; q < 4; ++q)
-      for (int64_t j = 0; j < sizes[q]; ++j) outs[q][j] = static_cast<scalar_t>(total[at++]);
+    partials.write<scalar_t>({&dW, &db, &dgamma, &dbeta});
   });
   return {dh, dW, db, dgamma, dbeta};
 }

@@ -38,6 +38,19 @@ def check_dtype(src: torch.Tensor, allowed: tuple[torch.dtype, ...], op: str) ->
         raise TypeError(f"{op}: src dtype {src.dtype} is not supported; expected one of {names}")
 
 
+def check_like(h: torch.Tensor, expected: dict[str, tuple[int, ...]], tensors, op: str) -> None:
+    """ValueError / TypeError unless each of ``tensors`` (named by ``expected``'s keys) is a
+    tensor of the expected shape with ``h``'s dtype and device."""
+    for name, t in zip(expected, tensors, strict=True):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected[name]:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{op}: {name} must be {expected[name]}, got {shape}")
+        if t.dtype != h.dtype:
+            raise TypeError(f"{op}: {name} dtype {t.dtype} must equal h's {h.dtype}")
+        if t.device != h.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but h is on {h.device}")
+
+
 def check_index_range(index: torch.Tensor, bound: int, op: str, name: str, dim: int) -> None:
     """IndexError naming the offending value unless every value is in [0, bound)."""
     if index.numel() == 0:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from fastcore import _backend, reference
-from fastcore.ops._checks import FLOAT_DTYPES, check_dtype
+from fastcore.ops._autograd import composite_grads
+from fastcore.ops._checks import FLOAT_DTYPES, check_dtype, check_like
 
 _backend.register_op("linear_norm_residual", ("reference", "cpu"), gpu_order=())
 
@@ -49,16 +50,15 @@ def _register() -> None:
         ctx.res_scale, ctx.eps = res_scale, eps
 
     def backward(ctx, grad):
-        h, weight, bias, gamma, beta = ctx.saved_tensors
+        h, weight, bias, gamma, _ = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: differentiate the composite
-            saved = (h, weight, bias, gamma, beta)
-            wanted = [t for t in saved if t.requires_grad]
-            with torch.enable_grad():
-                out = reference.linear_norm_residual(
+
+            def composite(h, weight, bias, gamma, beta):
+                return reference.linear_norm_residual(
                     h, torch.zeros_like(h), weight, bias, gamma, beta, ctx.res_scale, ctx.eps
                 )
-            found = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
-            d_h, d_w, d_b, d_g, d_be = (next(found) if t.requires_grad else None for t in saved)
+
+            d_h, d_w, d_b, d_g, d_be = composite_grads(composite, ctx.saved_tensors, grad)
         else:
             d_h, d_w, d_b, d_g, d_be = backward_op(
                 grad.contiguous(), h, weight, bias, gamma, ctx.res_scale, ctx.eps
@@ -101,18 +101,7 @@ def linear_norm_residual(
         "gamma": (feats, hidden),
         "beta": (feats, hidden),
     }
-    for name, t in zip(expected, (x, weight, bias, gamma, beta), strict=True):
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected[name]:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"linear_norm_residual: {name} must be {expected[name]}, got {shape}")
-        if t.dtype != h.dtype:
-            raise TypeError(
-                f"linear_norm_residual: {name} dtype {t.dtype} must equal h's {h.dtype}"
-            )
-        if t.device != h.device:
-            raise ValueError(
-                f"linear_norm_residual: {name} is on {t.device} but h is on {h.device}"
-            )
+    check_like(h, expected, (x, weight, bias, gamma, beta), "linear_norm_residual")
     if _backend.resolve("linear_norm_residual", h.device) == "reference":
         return reference.linear_norm_residual(h, x, weight, bias, gamma, beta, res_scale, eps)
     return torch.ops.fastcore.linear_norm_residual(
