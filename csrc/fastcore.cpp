@@ -81,6 +81,17 @@ TORCH_LIBRARY(fastcore, m) {
   m.def(
       "linear_norm_residual_backward(Tensor grad, Tensor h, Tensor weight, Tensor bias, "
       "Tensor gamma, float res_scale, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The basin model's per-feature residual MLP, fused: h [..., F, H]; w1 [F, H, K];
+  // b1 [F, K]; w2 [F, K, H]; b2 [F, H]:
+  //   out[..., f, :] = h[..., f, :] + gelu(h[..., f, :] @ w1[f] + b1[f]) @ w2[f] + b2[f]
+  // with the exact (erf) GELU. Half types compute in float32.
+  m.def("feature_mlp(Tensor h, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor");
+  // Its backward, the hidden layer recomputed from h: (grad_h (the residual's included),
+  // grad_w1, grad_b1, grad_w2, grad_b2), parameter gradients summed in float64 over fixed
+  // tiles of rows, in order (deterministic).
+  m.def(
+      "feature_mlp_backward(Tensor grad, Tensor h, Tensor w1, Tensor b1, Tensor w2) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Fused KV-cache projection over G groups (one per layer and K/V), see
   // fastcore/reference/kv.py for the contract: kv holds G tensors [B, Ht, Tt, Dt];
   // head_mix [G, Hs, Ht]; dim_proj [G, Dt, Ds] (shared) or [G, Ht, Dt, Ds] (per teacher

@@ -2,6 +2,7 @@
 (:mod:`fastcore._backend`) and calls a registered ``torch.ops.fastcore`` operator."""
 
 from fastcore.ops._csr import index_csr
+from fastcore.ops.feature_mlp import feature_mlp
 from fastcore.ops.gather import gather, gather_add
 from fastcore.ops.kv import kv_distill_loss, kv_project
 from fastcore.ops.linear_norm import linear_norm_residual
@@ -12,6 +13,7 @@ from fastcore.ops.time_conv import time_conv
 
 __all__ = [
     "build_safe_linear_indices",
+    "feature_mlp",
     "gather",
     "gather_add",
     "index_csr",

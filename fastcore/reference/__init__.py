@@ -4,6 +4,7 @@ They define each op's meaning, serve as the test oracle and benchmark baseline, 
 as the ``reference`` backend.
 """
 
+from fastcore.reference.feature_mlp import feature_mlp
 from fastcore.reference.gather import csr_sum, gather
 from fastcore.reference.linear_norm import linear_norm_residual
 from fastcore.reference.segment import scatter, scatter_arg, segment, segment_reduce
@@ -13,6 +14,7 @@ from fastcore.reference.time_conv import time_conv, time_conv_weight_grad
 
 __all__ = [
     "csr_sum",
+    "feature_mlp",
     "gather",
     "linear_norm_residual",
     "scatter",

@@ -1,0 +1,371 @@
+// CPU kernels of the per-feature residual MLP of the basin model, fused:
+//   out[m, f] = h[m, f] + gelu(h[m, f] @ W1[f] + b1[f]) @ W2[f] + b2[f]
+// with the exact (erf) GELU, and its backward (the hidden activations are recomputed from
+// h, nothing is saved). h, out: [M, F, H] (every leading dim folded into M); W1 [F, H, K];
+// b1 [F, K]; W2 [F, K, H]; b2 [F, H]. Each (row, feature) goes through both layers in
+// registers: one pass over h forward and one over grad and h backward, where the composite
+// makes two batched matmuls with layout copies of h and of the hidden activation, the GELU,
+// two bias adds and the residual, and autograd as many again backward.
+//
+// Parameter gradients: each fixed tile of rows sums its rows in order (in the accumulation
+// type) into a float64 partial, added in tile order (rowwise.h): results are
+// bit-identical whatever the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "rowwise.h"
+#include "simd.h"
+
+namespace fastcore {
+namespace {
+
+struct Dims {
+  int64_t rows, features, hidden, inner;  // M, F, H, K
+};
+
+// b2: null for the backward (which does not read it).
+Dims check_feature_mlp(const at::Tensor& h, const at::Tensor& w1, const at::Tensor& b1,
+                       const at::Tensor& w2, const at::Tensor* b2, const char* op) {
+  TORCH_CHECK_VALUE(h.dim() >= 2, op, ": h must be [..., F, H], got shape ", h.sizes());
+  const int64_t F = h.size(-2), H = h.size(-1);
+  TORCH_CHECK_VALUE(w1.dim() == 3 && w1.size(0) == F && w1.size(1) == H, op,
+                    ": w1 must be [F=", F, ", H=", H, ", K], got shape ", w1.sizes());
+  const int64_t K = w1.size(2);
+  TORCH_CHECK_VALUE(b1.dim() == 2 && b1.size(0) == F && b1.size(1) == K, op, ": b1 must be [F=",
+                    F, ", K=", K, "], got shape ", b1.sizes());
+  TORCH_CHECK_VALUE(w2.dim() == 3 && w2.size(0) == F && w2.size(1) == K && w2.size(2) == H, op,
+                    ": w2 must be [F=", F, ", K=", K, ", H=", H, "], got shape ", w2.sizes());
+  TORCH_CHECK_VALUE(!b2 || (b2->dim() == 2 && b2->size(0) == F && b2->size(1) == H), op,
+                    ": b2 must be [F=", F, ", H=", H, "], got shape ", b2 ? b2->sizes() : h.sizes());
+  for (const auto* t : {&w1, &b1, &w2, b2 ? b2 : &w2}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == h.scalar_type(), op, ": every tensor must have h's dtype ",
+                     h.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == h.device(), op, ": every tensor must be on h's device ",
+                      h.device(), ", got ", t->device());
+  }
+  const int64_t per_row = F * H;
+  return {per_row ? h.numel() / per_row : 0, F, H, K};
+}
+
+// exp(x) for x <= 0 without branches or calls, so that loops over it vectorise (Cephes'
+// range reduction and polynomial; relative error ~2e-7). Arguments below -87 give exp(-87)
+// ~ 1.6e-38 (the GELU multiplies it by at most |z| / 2.5 next to terms of order 1).
+FASTCORE_INLINE float exp_nonpositive(float x) {
+  // x = max(x, -87) through an integer mask: GCC leaves a float select or std::max
+  // here as a branch (trapping compares) and the loop unvectorised
+  const int32_t keep = -static_cast<int32_t>(x >= -87.0f);
+  x = std::bit_cast<float>((std::bit_cast<int32_t>(x) & keep) |
+                           (std::bit_cast<int32_t>(-87.0f) & ~keep));
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x/ln 2)
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return p * scale;
+}
+
+// The exact GELU and its derivative: gelu(z) = z Phi(z), gelu'(z) = Phi(z) + z phi(z).
+// float: erf by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7, the formula of
+// PyTorch's own vectorised CPU erf) on the exp above, both vectorisable; double: libm.
+FASTCORE_INLINE void gelu_and_slope(float z, float& value, float& slope) {
+  const float a = z * 0.70710678118654752f;
+  const float e = exp_nonpositive(-a * a);  // exp(-z^2 / 2)
+  const float t = 1.0f / (1.0f + 0.3275911f * std::fabs(a));
+  float q = 1.061405429f;
+  q = q * t - 1.453152027f;
+  q = q * t + 1.421413741f;
+  q = q * t - 0.284496736f;
+  q = q * t + 0.254829592f;
+  const float erf_abs = 1.0f - q * t * e;
+  const float cdf = 0.5f + 0.5f * std::copysign(erf_abs, a);
+  value = z * cdf;
+  slope = cdf + z * 0.39894228040143268f * e;
+}
+
+FASTCORE_INLINE void gelu_and_slope(double z, double& value, double& slope) {
+  const double cdf = 0.5 * (1.0 + std::erf(z * 0.70710678118654752));
+  value = z * cdf;
+  slope = cdf + z * 0.39894228040143268 * std::exp(-0.5 * z * z);
+}
+
+template <typename acc_t>
+struct Weights {
+  const acc_t *w1, *b1, *w2, *b2;  // [F, H, K], [F, K], [F, K, H], [F, H]
+  const acc_t *w1t, *w2t;          // [F, K, H], [F, H, K] (backward only)
+};
+
+// u = gelu(b1 + h_r @ W1) for the R rows at offsets at[r] (u: [R, K]), and with SLOPE
+// slope = gelu'(.) next to it.
+template <int R, int HC, int KC, bool SLOPE, typename acc_t, typename scalar_t>
+FASTCORE_INLINE void hidden_layer(const scalar_t* h, const int64_t* at, const acc_t* W1,
+                                  const acc_t* b1, acc_t* u, acc_t* slope, int64_t H,
+                                  int64_t K) {
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) u[r * K + k] = b1[k];
+  });
+  for_n<HC>(H, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
+    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+      const acc_t hj = static_cast<acc_t>(h[at[r] + j]);
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) u[r * K + k] += hj * W1[j * K + k];
+    });
+  });
+#pragma omp simd
+  for (int64_t e = 0; e < R * K; ++e) {
+    acc_t v, s;
+    gelu_and_slope(u[e], v, s);
+    u[e] = v;
+    if constexpr (SLOPE) slope[e] = s;
+  }
+}
+
+template <int R, int HC, int KC, typename acc_t, typename scalar_t>
+FASTCORE_INLINE void forward_block(const scalar_t* h, scalar_t* out, const int64_t* at,
+                                   const Weights<acc_t>& w, int64_t f, acc_t* scratch,
+                                   int64_t H_, int64_t K_) {
+  const int64_t H = HC > 0 ? HC : H_, K = KC > 0 ? KC : K_;
+  BlockArrays<(HC > 0 ? R * (KC + HC) : 0), acc_t> arrays;
+  acc_t* u = arrays.get(scratch);
+  acc_t* o = u + R * K;
+  hidden_layer<R, HC, KC, false>(h, at, w.w1 + f * H * K, w.b1 + f * K, u, u, H, K);
+  const acc_t* W2 = w.w2 + f * K * H;
+  const acc_t* b2 = w.b2 + f * H;
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+#pragma omp simd
+    for (int64_t i = 0; i < H; ++i) o[r * H + i] = static_cast<acc_t>(h[at[r] + i]) + b2[i];
+  });
+  for_n<KC>(K, [&](int64_t k) FASTCORE_LAMBDA_INLINE {
+    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+      const acc_t uk = u[r * K + k];
+#pragma omp simd
+      for (int64_t i = 0; i < H; ++i) o[r * H + i] += uk * W2[k * H + i];
+    });
+  });
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+#pragma omp simd
+    for (int64_t i = 0; i < H; ++i) out[at[r] + i] = static_cast<scalar_t>(o[r * H + i]);
+  });
+}
+
+template <typename scalar_t, int HC, int KC>
+FASTCORE_SIMD_CLONES void forward_rows(const scalar_t* h, const Weights<at::opmath_type<scalar_t>>& w,
+                                       scalar_t* out, const Dims& d, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int R = block_rows<KC, 8>();
+  std::vector<acc_t> scratch(HC > 0 ? 0 : d.inner + d.hidden);  // runtime widths only
+  for_row_blocks<R>(d.features, d.hidden, begin, end,
+                    [&](auto rows, const int64_t* at, int64_t f) FASTCORE_LAMBDA_INLINE {
+                      forward_block<decltype(rows)::value, HC, KC>(
+                          h, out, at, w, f, scratch.data(), d.hidden, d.inner);
+                    });
+}
+
+// The parameter gradients of a tile, in acc_t: [dW1 (F H K) | db1 (F K) | dW2 (F K H) |
+// db2 (F H)].
+template <typename acc_t>
+struct Grads {
+  acc_t *w1, *b1, *w2, *b2;
+};
+
+template <int R, int HC, int KC, typename acc_t, typename scalar_t>
+FASTCORE_INLINE void backward_block(const scalar_t* grad, const scalar_t* h, scalar_t* dh,
+                                    const int64_t* at, const Weights<acc_t>& w,
+                                    const Grads<acc_t>& p, int64_t f, acc_t* scratch,
+                                    int64_t H_, int64_t K_) {
+  const int64_t H = HC > 0 ? HC : H_, K = KC > 0 ? KC : K_;
+  BlockArrays<(HC > 0 ? R * (3 * KC + 3 * HC) : 0), acc_t> arrays;
+  acc_t* u = arrays.get(scratch);
+  acc_t* slope = u + R * K;
+  acc_t* dz = slope + R * K;
+  acc_t* g = dz + R * K;
+  acc_t* hr = g + R * H;
+  acc_t* o = hr + R * H;
+  hidden_layer<R, HC, KC, true>(h, at, w.w1 + f * H * K, w.b1 + f * K, u, slope, H, K);
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+#pragma omp simd
+    for (int64_t i = 0; i < H; ++i) {
+      g[r * H + i] = static_cast<acc_t>(grad[at[r] + i]);
+      hr[r * H + i] = static_cast<acc_t>(h[at[r] + i]);
+    }
+  });
+  // dz = (W2 g) * gelu'(z), through W2's transpose [H, K]
+  const acc_t* W2t = w.w2t + f * H * K;
+#pragma omp simd
+  for (int64_t e = 0; e < R * K; ++e) dz[e] = 0;
+  for_n<HC>(H, [&](int64_t i) FASTCORE_LAMBDA_INLINE {
+    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+      const acc_t gi = g[r * H + i];
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) dz[r * K + k] += gi * W2t[i * K + k];
+    });
+  });
+#pragma omp simd
+  for (int64_t e = 0; e < R * K; ++e) dz[e] *= slope[e];
+  // dh = g + W1 dz through W1's transpose [K, H]; dW2 += u g^T
+  const acc_t* W1t = w.w1t + f * K * H;
+  acc_t* dW2 = p.w2 + f * K * H;
+#pragma omp simd
+  for (int64_t e = 0; e < R * H; ++e) o[e] = g[e];
+  for_n<KC>(K, [&](int64_t k) FASTCORE_LAMBDA_INLINE {
+    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+      const acc_t dzk = dz[r * K + k], uk = u[r * K + k];
+#pragma omp simd
+      for (int64_t i = 0; i < H; ++i) {
+        o[r * H + i] += dzk * W1t[k * H + i];
+        dW2[k * H + i] += uk * g[r * H + i];
+      }
+    });
+  });
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+#pragma omp simd
+    for (int64_t i = 0; i < H; ++i) dh[at[r] + i] = static_cast<scalar_t>(o[r * H + i]);
+  });
+  // dW1 += h dz^T, db1 += dz, db2 += g
+  acc_t* dW1 = p.w1 + f * H * K;
+  for_n<HC>(H, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
+    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+      const acc_t hj = hr[r * H + j];
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) dW1[j * K + k] += hj * dz[r * K + k];
+    });
+  });
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) p.b1[f * K + k] += dz[r * K + k];
+#pragma omp simd
+    for (int64_t i = 0; i < H; ++i) p.b2[f * H + i] += g[r * H + i];
+  });
+}
+
+// Rows [begin, end): dh (the residual's grad included), and the parameter gradients added
+// into part (float64), laid out as Grads.
+template <typename scalar_t, int HC, int KC>
+FASTCORE_SIMD_CLONES void backward_rows(const scalar_t* grad, const scalar_t* h,
+                                        const Weights<at::opmath_type<scalar_t>>& w,
+                                        scalar_t* dh, double* part, const Dims& d, int64_t begin,
+                                        int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int R = block_rows<KC, 8>();
+  const int64_t F = d.features, H = d.hidden, K = d.inner;
+  // the tile's parameter gradients in acc_t, added into the float64 partial at the end
+  const int64_t size = F * (2 * H * K + K + H);
+  std::vector<acc_t> local(size, acc_t(0));
+  acc_t* base = local.data();
+  const Grads<acc_t> p{base, base + F * H * K, base + F * (H * K + K), base + F * (2 * H * K + K)};
+  std::vector<acc_t> scratch(HC > 0 ? 0 : 3 * K + 3 * H);  // runtime widths only
+  for_row_blocks<R>(F, H, begin, end,
+                    [&](auto rows, const int64_t* at, int64_t f) FASTCORE_LAMBDA_INLINE {
+                      backward_block<decltype(rows)::value, HC, KC>(grad, h, dh, at, w, p, f,
+                                                                    scratch.data(), H, K);
+                    });
+  for (int64_t j = 0; j < size; ++j) part[j] += static_cast<double>(local[j]);
+}
+
+// The kernels with H and K fixed at compile time for the common float32 widths (K = 2H or
+// 4H; unrolled, vectorised); every other case (and dtype) runs the general loops.
+template <typename scalar_t, typename Fn>
+void with_widths(int64_t H, int64_t K, Fn&& fn) {
+  using C = std::integral_constant<int, 0>;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    auto pick = [&](auto hc) {
+      constexpr int h = decltype(hc)::value;
+      if (H != h) return false;
+      if (K == 2 * h) fn(hc, std::integral_constant<int, 2 * h>{});
+      else if (K == 4 * h) fn(hc, std::integral_constant<int, 4 * h>{});
+      else fn(C{}, C{});
+      return true;
+    };
+    if (pick(std::integral_constant<int, 8>{}) || pick(std::integral_constant<int, 16>{})) return;
+  }
+  fn(C{}, C{});
+}
+
+at::Tensor feature_mlp_cpu(const at::Tensor& h, const at::Tensor& w1, const at::Tensor& b1,
+                           const at::Tensor& w2, const at::Tensor& b2) {
+  const Dims d = check_feature_mlp(h, w1, b1, w2, &b2, "feature_mlp");
+  auto out = at::empty(h.sizes(), h.options());
+  if (out.numel() == 0) return out;
+  const auto h_c = h.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "feature_mlp", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto W1 = to_acc<acc_t, scalar_t>(w1);
+    const auto B1 = to_acc<acc_t, scalar_t>(b1);
+    const auto W2 = to_acc<acc_t, scalar_t>(w2);
+    const auto B2 = to_acc<acc_t, scalar_t>(b2);
+    const Weights<acc_t> w{W1.data(), B1.data(), W2.data(), B2.data(), nullptr, nullptr};
+    const int64_t work = std::max<int64_t>(1, d.features * d.hidden * d.inner);
+    const int64_t grain = std::max<int64_t>(1, 32768 / work);
+    with_widths<scalar_t>(d.hidden, d.inner, [&](auto hc, auto kc) {
+      at::parallel_for(0, d.rows, grain, [&](int64_t begin, int64_t end) {
+        forward_rows<scalar_t, decltype(hc)::value, decltype(kc)::value>(
+            h_c.const_data_ptr<scalar_t>(), w, out.mutable_data_ptr<scalar_t>(), d, begin, end);
+      });
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_mlp_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& h, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2) {
+  constexpr const char* op = "feature_mlp_backward";
+  const Dims d = check_feature_mlp(h, w1, b1, w2, nullptr, op);
+  TORCH_CHECK_VALUE(grad.sizes() == h.sizes(), op, ": grad shape ", grad.sizes(),
+                    " must equal h's ", h.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == h.scalar_type(), op, ": grad dtype ",
+                   grad.scalar_type(), " must equal h's ", h.scalar_type());
+  const int64_t F = d.features, H = d.hidden, K = d.inner;
+  auto dh = at::empty(h.sizes(), h.options());
+  auto dw1 = at::zeros(w1.sizes(), h.options());
+  auto db1 = at::zeros(b1.sizes(), h.options());
+  auto dw2 = at::zeros(w2.sizes(), h.options());
+  auto db2 = at::zeros({F, H}, h.options());
+  if (d.rows == 0 || F * H == 0) return {dh, dw1, db1, dw2, db2};
+  const auto g_c = grad.contiguous(), h_c = h.contiguous();
+  TilePartials partials(d.rows, F * (2 * H * K + K + H));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto W1 = to_acc<acc_t, scalar_t>(w1);
+    const auto B1 = to_acc<acc_t, scalar_t>(b1);
+    const auto W2 = to_acc<acc_t, scalar_t>(w2);
+    const auto W1t = transposed(W1, F, H, K);
+    const auto W2t = transposed(W2, F, K, H);
+    const Weights<acc_t> w{W1.data(), B1.data(), W2.data(), nullptr, W1t.data(), W2t.data()};
+    with_widths<scalar_t>(H, K, [&](auto hc, auto kc) {
+      partials.run([&](int64_t begin, int64_t end, double* part) {
+        backward_rows<scalar_t, decltype(hc)::value, decltype(kc)::value>(
+            g_c.const_data_ptr<scalar_t>(), h_c.const_data_ptr<scalar_t>(), w,
+            dh.mutable_data_ptr<scalar_t>(), part, d, begin, end);
+      });
+    });
+    partials.write<scalar_t>({&dw1, &db1, &dw2, &db2});
+  });
+  return {dh, dw1, db1, dw2, db2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastcore, CPU, m) {
+  m.impl("feature_mlp", &feature_mlp_cpu);
+  m.impl("feature_mlp_backward", &feature_mlp_backward_cpu);
+}
+
+}  // namespace fastcore

@@ -1,0 +1,183 @@
+"""fastcore.ops.feature_mlp (the feature_mlp operator and its backward) against
+fastcore.reference and torch's own layers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastcore import ops, reference, use_backend
+from fastcore.testing import (
+    assert_close,
+    assert_same_across_threads,
+    backend_dtype_params,
+    backend_params,
+    randn,
+)
+
+FLOATS = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# (..., F, H) and K: the compiled widths (H 8 and 16 with K = 2H, 4H), a width that runs
+# the general loops (H 5, H 4), K neither 2H nor 4H, row counts that leave a remainder
+# after the blocks of rows, and the basin model's fine level
+SHAPES = [
+    ((3, 4, 5, 8), 16),
+    ((2, 7, 3, 8), 32),
+    ((5, 2, 16), 32),
+    ((3, 16), 64),
+    ((2, 7, 3, 5), 10),
+    ((6, 2, 4), 8),
+    ((5, 3, 8), 24),
+    ((1, 21, 33, 5, 8), 16),
+]
+
+
+def inputs(shape, inner, dtype, device="cpu", seed=0):
+    feats, hidden = shape[-2:]
+    h = randn(shape, dtype, device, seed)
+    w1 = randn((feats, hidden, inner), dtype, device, seed + 1) * hidden**-0.5
+    b1 = randn((feats, inner), dtype, device, seed + 2)
+    w2 = randn((feats, inner, hidden), dtype, device, seed + 3) * inner**-0.5
+    b2 = randn((feats, hidden), dtype, device, seed + 4)
+    return [h, w1, b1, w2, b2]
+
+
+def by_layers(h, w1, b1, w2, b2):
+    """The definition with torch's matmul and GELU, one feature at a time."""
+    out = []
+    for f in range(h.shape[-2]):
+        u = F.gelu(h[..., f, :] @ w1[f] + b1[f])
+        out.append(h[..., f, :] + u @ w2[f] + b2[f])
+    return torch.stack(out, -2)
+
+
+@pytest.mark.parametrize(("shape", "inner"), SHAPES)
+@pytest.mark.parametrize(
+    ("device", "backend", "dtype"), backend_dtype_params("feature_mlp", FLOATS)
+)
+def test_matches_torch_layers(device, backend, dtype, shape, inner):
+    args = inputs(shape, inner, dtype, device)
+    with use_backend(backend):
+        out = ops.feature_mlp(*args)
+    expected = by_layers(*(a.double() for a in args))
+    assert out.dtype == dtype
+    assert_close(out, expected, dtype, f"feature_mlp {backend}")
+
+
+@pytest.mark.parametrize(("shape", "inner"), SHAPES[:6])
+@pytest.mark.parametrize(
+    ("device", "backend", "dtype"),
+    backend_dtype_params("feature_mlp", [torch.float64, torch.float32]),
+)
+def test_gradients_match_torch_layers(device, backend, dtype, shape, inner):
+    args = [a.requires_grad_() for a in inputs(shape, inner, dtype, device, seed=7)]
+    grad = randn(shape, dtype, device, seed=20)
+    with use_backend(backend):
+        got = torch.autograd.grad(ops.feature_mlp(*args), args, grad)
+    ref = [a.detach().double().requires_grad_() for a in args]
+    want = torch.autograd.grad(by_layers(*ref), ref, grad.double())
+    for name, g, e in zip(("h", "w1", "b1", "w2", "b2"), got, want, strict=True):
+        assert g.dtype == dtype
+        assert_close(g, e, dtype, f"grad {name}")
+
+
+def test_gelu_matches_torch_over_its_range():
+    """The kernel's float32 erf and exp (its own vectorisable ones) against torch's GELU,
+    from deep in the negative tail (exp underflows) to large positive values, with the
+    weights set so that the hidden layer is the input itself."""
+    z = torch.linspace(-30.0, 30.0, 20001)
+    h = z.reshape(-1, 1, 1)
+    ones = torch.ones(1, 1, 1)
+    zeros = torch.zeros(1, 1)
+    args = [h.requires_grad_(), ones, zeros, ones, zeros]
+    grad = torch.ones_like(h)
+    with use_backend("cpu"):
+        out = ops.feature_mlp(*args)
+        (d_h,) = torch.autograd.grad(out, [h], grad)
+    zd = z.double().requires_grad_()
+    gelu = F.gelu(zd)
+    (slope,) = torch.autograd.grad(gelu.sum(), [zd])
+    assert_close((out - h).flatten().detach(), gelu, torch.float32, "gelu")
+    assert_close((d_h - 1).flatten(), slope, torch.float32, "gelu slope")
+    assert torch.isfinite(d_h).all()
+
+
+def test_gradcheck_to_second_order():
+    args = [a.requires_grad_() for a in inputs((2, 3, 3, 4), 6, torch.float64, seed=9)]
+    with use_backend("cpu"):
+        assert torch.autograd.gradcheck(ops.feature_mlp, args)
+        assert torch.autograd.gradgradcheck(ops.feature_mlp, args)
+
+
+def test_opcheck():
+    args = [a.requires_grad_() for a in inputs((2, 3, 4, 8), 16, torch.float32, seed=11)]
+    torch.library.opcheck(torch.ops.fastcore.feature_mlp, tuple(args))
+    grad = randn((2, 3, 4, 8), torch.float32, "cpu", seed=12)
+    # the backward operator is not differentiated itself: a create_graph backward of the
+    # forward differentiates the reference composite instead
+    h, w1, b1, w2, _ = (a.detach() for a in args)
+    torch.library.opcheck(torch.ops.fastcore.feature_mlp_backward, (grad, h, w1, b1, w2))
+
+
+@pytest.mark.parametrize(("shape", "inner"), [((4, 21, 215, 5, 8), 16), ((3, 50, 5, 7), 9)])
+def test_deterministic_whatever_the_thread_count(shape, inner):
+    args = [a.requires_grad_() for a in inputs(shape, inner, torch.float32, seed=13)]
+    grad = randn(shape, torch.float32, "cpu", seed=14)
+
+    def run():
+        with use_backend("cpu"):
+            out = ops.feature_mlp(*args)
+            return (out, *torch.autograd.grad(out, args, grad))
+
+    assert_same_across_threads(run)
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params("feature_mlp"))
+def test_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+    args = [a.requires_grad_() for a in inputs((2, 3, 4, 8), 16, torch.float32, device, seed=15)]
+
+    def loss(*a):
+        return ops.feature_mlp(*a).square().sum()
+
+    with use_backend(backend):
+        value = torch.compile(loss, fullgraph=True)(*args)
+        grads = torch.autograd.grad(value, args)
+        eager = loss(*args)
+        expected = torch.autograd.grad(eager, args)
+    assert_close(value, eager, torch.float32, "compiled value")
+    for g, e in zip(grads, expected, strict=True):
+        assert_close(g, e, torch.float32, "compiled grad")
+
+
+def test_reference_is_the_definition():
+    args = inputs((3, 2, 4, 6), 12, torch.float64, seed=16)
+    assert_close(reference.feature_mlp(*args), by_layers(*args), torch.float64, "reference")
+
+
+def test_empty_rows():
+    args = [a.requires_grad_() for a in inputs((0, 3, 8), 16, torch.float32, seed=18)]
+    with use_backend("cpu"):
+        out = ops.feature_mlp(*args)
+        grads = torch.autograd.grad(out.sum(), args)
+    assert out.shape == (0, 3, 8)
+    for g in grads[1:]:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_bad_input_is_named():
+    h, w1, b1, w2, b2 = inputs((2, 3, 4, 8), 16, torch.float32, seed=17)
+    with pytest.raises(ValueError, match=r"w1 must be \(4, 8, K\), got \(4, 8\)"):
+        ops.feature_mlp(h, w1[..., 0], b1, w2, b2)
+    with pytest.raises(ValueError, match=r"w1 must be \(4, 8, 16\), got \(3, 8, 16\)"):
+        ops.feature_mlp(h, w1[:3], b1, w2, b2)
+    with pytest.raises(ValueError, match=r"b1 must be \(4, 16\), got \(4, 8\)"):
+        ops.feature_mlp(h, w1, b1[:, :8], w2, b2)
+    with pytest.raises(ValueError, match=r"w2 must be \(4, 16, 8\), got \(4, 8, 16\)"):
+        ops.feature_mlp(h, w1, b1, w1, b2)
+    with pytest.raises(ValueError, match=r"b2 must be \(4, 8\), got \(8,\)"):
+        ops.feature_mlp(h, w1, b1, w2, b2[0])
+    with pytest.raises(TypeError, match=r"w2 dtype torch\.float64 must equal"):
+        ops.feature_mlp(h, w1, b1, w2.double(), b2)
+    with pytest.raises(ValueError, match=r"h must be \(\.\.\., F, H\)"):
+        ops.feature_mlp(h[0, 0, 0], w1, b1, w2, b2)
+    with pytest.raises(TypeError, match=r"src dtype torch\.int64"):
+        ops.feature_mlp(h.long(), w1, b1, w2, b2)
