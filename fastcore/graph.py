@@ -830,6 +830,7 @@ class Graph:
         edge_attr: torch.Tensor | None = None,
         *,
         device: torch.device | str | None = None,
+        _with_loops: bool = True,
     ) -> None:
         if (
             isinstance(num_nodes, bool)
@@ -882,6 +883,22 @@ class Graph:
         self.in_degree = self.ptr.diff()
         self.out_degree = self.t_ptr.diff()
         self._norms: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        # built with the graph (not on first use, which may be inside a compiled region)
+        self._self_loops = self._build_self_loops() if _with_loops else None
+
+    def _build_self_loops(self) -> Graph:
+        nodes = torch.arange(self.num_nodes, device=self.device)
+        edges = torch.cat([self.edge_index, torch.stack([nodes, nodes])], 1)
+        return Graph(edges, self.num_nodes, _with_loops=False)
+
+    def with_self_loops(self) -> Graph:
+        """This graph plus an edge ``v -> v`` for every node, appended after its own edges
+        (edge ``num_edges + v`` is node v's loop; edge_attr is dropped), built with the
+        graph. ``spmm(x, g.with_self_loops(), cat([w, ones(N)]))`` is ``x + spmm(x, g, w)``
+        in one pass (each row sums its incoming edges, then itself)."""
+        if self._self_loops is None:  # a self-loop graph's own
+            self._self_loops = self._build_self_loops()
+        return self._self_loops
 
     @property
     def num_edges(self) -> int:
@@ -935,6 +952,7 @@ class Graph:
         if self.edge_attr is not None:
             other.edge_attr = self.edge_attr.to(device)
         other._norms = {k: v.to(device) for k, v in self._norms.items()}
+        other._self_loops = None if self._self_loops is None else self._self_loops.to(device)
         return other
 
     def __repr__(self) -> str:

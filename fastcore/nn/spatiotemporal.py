@@ -29,6 +29,13 @@ def _check_graph(graph: Graph, num_nodes: int, what: str) -> None:
         )
 
 
+def _plus_spmm(x: torch.Tensor, graph: Graph, weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x + spmm(x, graph, weight)`` as one spmm over the graph with a unit self loop per
+    node: no separate pass for the residual add forward, nor for the gradient sum backward."""
+    loops = torch.ones(graph.num_nodes, dtype=weight.dtype, device=weight.device)
+    return spmm(x, graph.with_self_loops(), torch.cat([weight, loops]), dim=dim)
+
+
 class EdgeGate(nn.Module):
     """Per-edge weights ``normalization * sigmoid(edge_attr @ w + b)``: a learned gate over
     the edge features (plain normalization weights when the graph has none)."""
@@ -65,7 +72,9 @@ class SpatioTemporalBlock(nn.Module):
     5. LayerNorm over H with a (F, H) affine per feature;
     6. ``x + res_scale * h``.
 
-    Each graph convolution is one spmm call over all B*T steps; there is no Python loop.
+    Each graph convolution is one spmm call over all B*T steps, its residual included (the
+    graph's unit self loops, :meth:`fastcore.Graph.with_self_loops`); there is no Python
+    loop.
 
     Args:
         num_features: F.  hidden: H.  kernel_size: the temporal kernel (causal: output t
@@ -138,9 +147,9 @@ class SpatioTemporalBlock(nn.Module):
         width = self.num_features * self.hidden
         x4 = x.reshape(batch, steps, nodes, width)
         h = self.temporal(x4)
-        h = h + spmm(h, river, self.river_gate(river, h.dtype), dim=2)
+        h = _plus_spmm(h, river, self.river_gate(river, h.dtype), dim=2)
         pairs = h.view(batch, steps, nodes * self.num_features, self.hidden)
-        pairs = pairs + spmm(pairs, causal, self.causal_gate(causal, h.dtype), dim=2)
+        pairs = _plus_spmm(pairs, causal, self.causal_gate(causal, h.dtype), dim=2)
         h = pairs.view(x.shape)
         if _backend.runs_kernel("linear_norm_residual", x.device):  # steps 4-6 in one pass
             return linear_norm_residual(

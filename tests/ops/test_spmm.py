@@ -188,6 +188,31 @@ def test_graph_layouts():
     assert "num_nodes=5, num_edges=6, edge_attr=(6, 2)" in repr(g)
 
 
+@pytest.mark.parametrize(("device", "backend"), backend_params("spmm"))
+def test_self_loops_add_the_input(device, backend):
+    g = Graph(
+        random_edges(9, 20, 31, device), 9, edge_attr=randn((20, 2), torch.float64, device, 1)
+    )
+    loops = g.with_self_loops()
+    assert loops is g.with_self_loops()  # computed once
+    assert loops.num_edges == 29 and loops.edge_attr is None
+    assert torch.equal(loops.edge_index[:, :20], g.edge_index)
+    assert torch.equal(loops.edge_index[:, 20:], torch.arange(9, device=device).expand(2, 9))
+    x = randn((3, 9, 4), torch.float64, device, 2).requires_grad_()
+    w = randn((20,), torch.float64, device, 3).requires_grad_()
+    upstream = randn((3, 9, 4), torch.float64, device, 4)
+    with use_backend(backend):
+        out = ops.spmm(x, loops, torch.cat([w, torch.ones(9, dtype=w.dtype, device=device)]), dim=1)
+        expected = x + ops.spmm(x, g, w, dim=1)
+    assert_close(out, expected, torch.float64, "x + A x")
+    got = torch.autograd.grad(out, (x, w), upstream)
+    want = torch.autograd.grad(expected, (x, w), upstream)
+    for name, a, b in zip(("x", "w"), got, want, strict=True):
+        assert_close(a, b, torch.float64, f"grad {name}")
+    moved = g.to(device)
+    assert moved.with_self_loops().num_edges == 29
+
+
 def test_graph_errors():
     with pytest.raises(IndexError, match=r"edge index 5 >= num_nodes 5 \(edge 1, target\)"):
         Graph(torch.tensor([[0, 1], [1, 5]]), 5)
