@@ -38,6 +38,7 @@ CASES = {
     "dim0": ((23, 6), 0, lambda n, d: random_edges(n, 31, 4, d)),
     "inner1": ((5, 19, 1), 1, lambda n, d: random_edges(n, 50, 5, d)),
     "hub": ((2, 29, 7), 1, hub_edges),
+    "hub_width8": ((3, 40, 8), 1, hub_edges),  # rows of 8: the one-vector CPU kernel
     "isolated": ((2, 50, 3), 1, lambda n, d: random_edges(5, 6, 6, d)),  # nodes 5.. have no edge
     "no_edges": ((2, 9, 4), 1, lambda n, d: torch.empty(2, 0, dtype=torch.int64, device=d)),
     "one_node": ((4, 1, 3), 1, lambda n, d: torch.zeros(2, 3, dtype=torch.int64, device=d)),
@@ -102,13 +103,25 @@ def test_gradcheck_and_gradgradcheck(device, backend):
         assert torch.autograd.gradcheck(lambda x: ops.spmm(x, graph, None, 1), (x,))
 
 
+def test_rows_of_eight_sum_as_the_general_loop():
+    """The CPU kernel's one-vector path (float32 rows of exactly 8) against its general
+    loop (the same rows padded to 9): the same terms in the same order, the same bits."""
+    graph = Graph(hub_edges(64), 64)
+    x = randn((5, 64, 8), torch.float32, "cpu", seed=21)
+    w = randn((129,), torch.float32, "cpu", seed=22)
+    padded = torch.cat([x, torch.zeros(5, 64, 1)], -1)
+    with use_backend("cpu"):
+        assert torch.equal(ops.spmm(x, graph, w, 1), ops.spmm(padded, graph, w, 1)[..., :8])
+
+
+@pytest.mark.parametrize("width", [17, 8])
 @pytest.mark.parametrize("outer", [6, 1])
 @pytest.mark.parametrize(("device", "backend"), backend_params("spmm"))
-def test_deterministic(device, backend, outer):
+def test_deterministic(device, backend, outer, width):
     graph = Graph(hub_edges(300), 300)  # a 300-entry row: any reordering changes the bits
-    x = randn((outer, 300, 17), torch.float32, device, seed=18).requires_grad_()
+    x = randn((outer, 300, width), torch.float32, device, seed=18).requires_grad_()
     w = randn((601,), torch.float32, device, seed=19).requires_grad_()
-    upstream = randn((outer, 300, 17), torch.float32, device, seed=20)
+    upstream = randn((outer, 300, width), torch.float32, device, seed=20)
     runs = []
     threads = torch.get_num_threads()
     try:
