@@ -121,13 +121,7 @@ FASTCORE_INLINE void hidden_layer(const scalar_t* h, const int64_t* at, const ac
 #pragma omp simd
     for (int64_t k = 0; k < K; ++k) u[r * K + k] = b1[k];
   });
-  for_n<HC>(H, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
-    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
-      const acc_t hj = static_cast<acc_t>(h[at[r] + j]);
-#pragma omp simd
-      for (int64_t k = 0; k < K; ++k) u[r * K + k] += hj * W1[j * K + k];
-    });
-  });
+  rows_times<R, HC>(rows_of<acc_t>(h, at), W1, u, H, K);
 #pragma omp simd
   for (int64_t e = 0; e < R * K; ++e) {
     acc_t v, s;
@@ -152,13 +146,7 @@ FASTCORE_INLINE void forward_block(const scalar_t* h, scalar_t* out, const int64
 #pragma omp simd
     for (int64_t i = 0; i < H; ++i) o[r * H + i] = static_cast<acc_t>(h[at[r] + i]) + b2[i];
   });
-  for_n<KC>(K, [&](int64_t k) FASTCORE_LAMBDA_INLINE {
-    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
-      const acc_t uk = u[r * K + k];
-#pragma omp simd
-      for (int64_t i = 0; i < H; ++i) o[r * H + i] += uk * W2[k * H + i];
-    });
-  });
+  rows_times<R, KC>(block_of(u, K), W2, o, K, H);
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
 #pragma omp simd
     for (int64_t i = 0; i < H; ++i) out[at[r] + i] = static_cast<scalar_t>(o[r * H + i]);
@@ -191,32 +179,22 @@ FASTCORE_INLINE void backward_block(const scalar_t* grad, const scalar_t* h, sca
                                     const Grads<acc_t>& p, int64_t f, acc_t* scratch,
                                     int64_t H_, int64_t K_) {
   const int64_t H = HC > 0 ? HC : H_, K = KC > 0 ? KC : K_;
-  BlockArrays<(HC > 0 ? R * (3 * KC + 3 * HC) : 0), acc_t> arrays;
+  BlockArrays<(HC > 0 ? R * (3 * KC + 2 * HC) : 0), acc_t> arrays;
   acc_t* u = arrays.get(scratch);
   acc_t* slope = u + R * K;
   acc_t* dz = slope + R * K;
   acc_t* g = dz + R * K;
-  acc_t* hr = g + R * H;
-  acc_t* o = hr + R * H;
+  acc_t* o = g + R * H;
   hidden_layer<R, HC, KC, true>(h, at, w.w1 + f * H * K, w.b1 + f * K, u, slope, H, K);
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
 #pragma omp simd
-    for (int64_t i = 0; i < H; ++i) {
-      g[r * H + i] = static_cast<acc_t>(grad[at[r] + i]);
-      hr[r * H + i] = static_cast<acc_t>(h[at[r] + i]);
-    }
+    for (int64_t i = 0; i < H; ++i) g[r * H + i] = static_cast<acc_t>(grad[at[r] + i]);
   });
   // dz = (W2 g) * gelu'(z), through W2's transpose [H, K]
   const acc_t* W2t = w.w2t + f * H * K;
 #pragma omp simd
   for (int64_t e = 0; e < R * K; ++e) dz[e] = 0;
-  for_n<HC>(H, [&](int64_t i) FASTCORE_LAMBDA_INLINE {
-    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
-      const acc_t gi = g[r * H + i];
-#pragma omp simd
-      for (int64_t k = 0; k < K; ++k) dz[r * K + k] += gi * W2t[i * K + k];
-    });
-  });
+  rows_times<R, HC>(block_of(g, H), W2t, dz, H, K);
 #pragma omp simd
   for (int64_t e = 0; e < R * K; ++e) dz[e] *= slope[e];
   // dh = g + W1 dz through W1's transpose [K, H]; dW2 += u g^T
@@ -224,29 +202,15 @@ FASTCORE_INLINE void backward_block(const scalar_t* grad, const scalar_t* h, sca
   acc_t* dW2 = p.w2 + f * K * H;
 #pragma omp simd
   for (int64_t e = 0; e < R * H; ++e) o[e] = g[e];
-  for_n<KC>(K, [&](int64_t k) FASTCORE_LAMBDA_INLINE {
-    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
-      const acc_t dzk = dz[r * K + k], uk = u[r * K + k];
-#pragma omp simd
-      for (int64_t i = 0; i < H; ++i) {
-        o[r * H + i] += dzk * W1t[k * H + i];
-        dW2[k * H + i] += uk * g[r * H + i];
-      }
-    });
-  });
+  rows_times<R, KC>(block_of(dz, K), W1t, o, K, H);
+  add_outer<R, KC>(block_of(u, K), g, dW2, K, H);
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
 #pragma omp simd
     for (int64_t i = 0; i < H; ++i) dh[at[r] + i] = static_cast<scalar_t>(o[r * H + i]);
   });
   // dW1 += h dz^T, db1 += dz, db2 += g
   acc_t* dW1 = p.w1 + f * H * K;
-  for_n<HC>(H, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
-    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
-      const acc_t hj = hr[r * H + j];
-#pragma omp simd
-      for (int64_t k = 0; k < K; ++k) dW1[j * K + k] += hj * dz[r * K + k];
-    });
-  });
+  add_outer<R, HC>(rows_of<acc_t>(h, at), dz, dW1, H, K);
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
 #pragma omp simd
     for (int64_t k = 0; k < K; ++k) p.b1[f * K + k] += dz[r * K + k];
@@ -270,7 +234,7 @@ FASTCORE_SIMD_CLONES void backward_rows(const scalar_t* grad, const scalar_t* h,
   std::vector<acc_t> local(size, acc_t(0));
   acc_t* base = local.data();
   const Grads<acc_t> p{base, base + F * H * K, base + F * (H * K + K), base + F * (2 * H * K + K)};
-  std::vector<acc_t> scratch(HC > 0 ? 0 : 3 * K + 3 * H);  // runtime widths only
+  std::vector<acc_t> scratch(HC > 0 ? 0 : 3 * K + 2 * H);  // runtime widths only
   for_row_blocks<R>(F, H, begin, end,
                     [&](auto rows, const int64_t* at, int64_t f) FASTCORE_LAMBDA_INLINE {
                       backward_block<decltype(rows)::value, HC, KC>(grad, h, dh, at, w, p, f,

@@ -72,13 +72,7 @@ FASTCORE_INLINE void linear_rows(const scalar_t* h, const int64_t* at, const acc
 #pragma omp simd
     for (int64_t k = 0; k < H; ++k) z[r * H + k] = b[k];
   });
-  for_n<HC>(H, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
-    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
-      const acc_t hj = static_cast<acc_t>(h[at[r] + j]);
-#pragma omp simd
-      for (int64_t k = 0; k < H; ++k) z[r * H + k] += hj * W[j * H + k];
-    });
-  });
+  rows_times<R, HC>(rows_of<acc_t>(h, at), W, z, H, H);
 }
 
 // (mean, rstd) of one row z of H values.
@@ -181,25 +175,13 @@ FASTCORE_INLINE void backward_block(const scalar_t* grad, const scalar_t* h, sca
   const acc_t* Wt = p.wt + f * H * H;
 #pragma omp simd
   for (int64_t e = 0; e < R * H; ++e) o[e] = 0;
-  for_n<HC>(H, [&](int64_t k) FASTCORE_LAMBDA_INLINE {
-    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
-      const acc_t dzk = dz[r * H + k];
-#pragma omp simd
-      for (int64_t j = 0; j < H; ++j) o[r * H + j] += dzk * Wt[k * H + j];
-    });
-  });
+  rows_times<R, HC>(block_of(dz, H), Wt, o, H, H);
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) dh[at[r] + j] = static_cast<scalar_t>(o[r * H + j]);
   });
   acc_t* dW = q.w + f * H * H;
-  for_n<HC>(H, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
-    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
-      const acc_t hj = static_cast<acc_t>(h[at[r] + j]);
-#pragma omp simd
-      for (int64_t k = 0; k < H; ++k) dW[j * H + k] += hj * dz[r * H + k];
-    });
-  });
+  add_outer<R, HC>(rows_of<acc_t>(h, at), dz, dW, H, H);
 }
 
 // Rows [begin, end): dh, and the parameter gradients added into part (float64), laid out

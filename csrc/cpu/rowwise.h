@@ -55,6 +55,47 @@ FASTCORE_INLINE void for_row_blocks(int64_t features, int64_t width, int64_t beg
   }
 }
 
+// The two small matmuls of a block of R rows, every loop unrolled when its trip count is
+// compile-time (JC, R) and the inner one vectorised over n:
+//   rows_times: y[r, :n] += sum_j a(r, j) * M[j, :n]   (R rows times a [J, n] matrix)
+//   add_outer:  G[j, :n] += sum_r a(r, j) * b[r, :n]   (a parameter gradient's outer products)
+// a(r, j) reads the block's left operand (a row of h in memory, or an array in registers).
+template <int R, int JC, typename acc_t, typename A>
+FASTCORE_INLINE void rows_times(A&& a, const acc_t* M, acc_t* y, int64_t J, int64_t n) {
+  for_n<JC>(J, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
+    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+      const acc_t s = a(r, j);
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) y[r * n + c] += s * M[j * n + c];
+    });
+  });
+}
+
+template <int R, int JC, typename acc_t, typename A>
+FASTCORE_INLINE void add_outer(A&& a, const acc_t* b, acc_t* G, int64_t J, int64_t n) {
+  for_n<JC>(J, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
+    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+      const acc_t s = a(r, j);
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) G[j * n + c] += s * b[r * n + c];
+    });
+  });
+}
+
+// The left operands a(r, j) of rows_times and add_outer: a block array [R, n], or the rows
+// of a tensor at the offsets at[r].
+template <typename acc_t>
+FASTCORE_INLINE auto block_of(const acc_t* a, int64_t n) {
+  return [a, n](int64_t r, int64_t j) FASTCORE_LAMBDA_INLINE { return a[r * n + j]; };
+}
+
+template <typename acc_t, typename scalar_t>
+FASTCORE_INLINE auto rows_of(const scalar_t* t, const int64_t* at) {
+  return [t, at](int64_t r, int64_t j) FASTCORE_LAMBDA_INLINE {
+    return static_cast<acc_t>(t[at[r] + j]);
+  };
+}
+
 // A weight tensor's values in the accumulation type, and [F, R, C] -> [F, C, R] of such.
 template <typename acc_t, typename scalar_t>
 std::vector<acc_t> to_acc(const at::Tensor& t) {
