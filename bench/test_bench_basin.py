@@ -2,9 +2,9 @@
 
 One optimizer step (forward, backward, AdamW) of :class:`HierarchicalBasinModel` on a batch
 of Rhine windows, built as the basin job builds it (``configs/basin.yaml``: 215 / 33 / 9
-basins, 5 inputs, lookback 21, horizon 5), once with fastcore's layers and once with
-``layers="reference"``: the same parameters on the per-time-step loop of the original code
-(the baseline). Samples per second = batch / median step time; ``bench/compare.py`` reports
+basins, 5 inputs, lookback 21, horizon 5), once with fastcore's layers and once as
+:class:`fastcore.testing.LoopLayersBasinModel`: the same parameters on the per-time-step loop
+of the original code (the baseline). Samples per second = batch / median step time; ``bench/compare.py`` reports
 the ratio.
 """
 
@@ -13,8 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastcore.train.__main__ import resolve_config
+from fastcore.testing import LoopLayersBasinModel
 from fastcore.train.basin import build
+from fastcore.train.cli import resolve_config
 from fastcore.train.jobs import JobContext
 
 CUDA = torch.cuda.is_available()
@@ -23,13 +24,13 @@ BATCHES = [16, 64] if CUDA else [16]
 PROVIDERS = ["fastcore", "reference (loop layers)"]
 
 
-def make_step(layers: str, batch: int):
-    cfg = resolve_config(
-        "configs/basin.yaml", [f"model.layers={layers}", "data.cache_dir=runs/cache"]
-    )
+def make_step(loop_layers: bool, batch: int):
+    cfg = resolve_config("configs/basin.yaml", ["data.cache_dir=runs/cache"])
     torch.manual_seed(0)
     parts = build(cfg, JobContext(DEVICE, 0, 0, 1, None, "fp32"))
     model = parts.model.to(DEVICE)
+    if loop_layers:
+        model = LoopLayersBasinModel.sharing(model)
     items = [parts.train_set[i] for i in range(batch)]
     x, future, y = (torch.stack([it[k] for it in items]).to(DEVICE) for k in range(3))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -46,8 +47,7 @@ def make_step(layers: str, batch: int):
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_basin_training_step(run, provider, batch):
-    layers = "fastcore" if provider == "fastcore" else "reference"
-    step = make_step(layers, batch)
+    step = make_step(provider != "fastcore", batch)
     step()  # warm-up (first-call allocations)
     run(
         step,

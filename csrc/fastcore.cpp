@@ -45,18 +45,22 @@ TORCH_LIBRARY(fastcore, m) {
   // weight: [E] in CSR order, x's dtype (absent: 1). out has V rows along `dim`.
   // t_ptr / t_col / t_edge: the same edges grouped by source (the transpose, which the
   // backward runs): t_ptr [x.size(dim)+1], t_col [E] the destination of each entry,
-  // t_edge [E] the CSR position of each entry. Sums run in CSR order (deterministic);
-  // half types accumulate in float32.
+  // t_edge [E] the CSR position of each entry, t_pos [E] its inverse (the transposed
+  // position of each CSR entry), so the transpose's own structure is
+  // (t_ptr, t_col, ptr, col, t_pos, t_edge). residual: a square structure (V equal to
+  // x.size(dim)) whose every row adds its own x[..., v, ...] after its entries, in the
+  // accumulation type (x + A x in one pass). Sums run in CSR order (deterministic); half
+  // types accumulate in float32.
   m.def(
       "spmm(Tensor x, Tensor? weight, Tensor ptr, Tensor col, Tensor t_ptr, Tensor t_col, "
-      "Tensor t_edge, int dim, bool check) -> Tensor");
+      "Tensor t_edge, Tensor t_pos, int dim, bool residual, bool check) -> Tensor");
   // The edge-weight gradient of spmm (an SDDMM), in CSR order:
   //   out[k] = sum over every other index (..., j) of grad[..., v_k, ..., j] * x[..., col[k], ..., j]
   // with v_k the destination of entry k; x's dtype, accumulated in float64 over a fixed
   // order. The transpose arguments are those of spmm (its own backward needs them).
   m.def(
       "spmm_edge_grad(Tensor grad, Tensor x, Tensor ptr, Tensor col, Tensor t_ptr, Tensor t_col, "
-      "Tensor t_edge, int dim) -> Tensor");
+      "Tensor t_edge, Tensor t_pos, int dim) -> Tensor");
   // Depthwise convolution along time (dim 1) with K taps per channel (the last dim C):
   //   out[b, t, ..., c] = bias[c] + sum_{k < K, 0 <= s < T} weight[k, c] * x[b, s, ..., c]
   // with s = t - k (causal) or, when reverse, s = t + k (its transpose: the input gradient

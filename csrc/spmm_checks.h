@@ -34,7 +34,8 @@ inline void check_float(const at::Tensor& t, const char* op, const char* name) {
 inline void check_spmm_layout(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                               const at::Tensor& ptr, const at::Tensor& col,
                               const at::Tensor& t_ptr, const at::Tensor& t_col,
-                              const at::Tensor& t_edge, int64_t dim, const char* op) {
+                              const at::Tensor& t_edge, const at::Tensor& t_pos, int64_t dim,
+                              bool residual, const char* op) {
   check_float(x, op, "x");
   const int64_t edges = col.numel();
   check_structure(ptr, x, -1, op, "ptr");
@@ -42,6 +43,10 @@ inline void check_spmm_layout(const at::Tensor& x, const std::optional<at::Tenso
   check_structure(t_ptr, x, x.size(dim) + 1, op, "t_ptr");
   check_structure(t_col, x, edges, op, "t_col");
   check_structure(t_edge, x, edges, op, "t_edge");
+  check_structure(t_pos, x, edges, op, "t_pos");
+  TORCH_CHECK_VALUE(!residual || ptr.numel() - 1 == x.size(dim), op,
+                    ": residual needs a square structure, but it has ", ptr.numel() - 1,
+                    " rows for ", x.size(dim), " inputs along dimension ", dim);
   if (weight.has_value()) {
     TORCH_CHECK_TYPE(weight->scalar_type() == x.scalar_type(), op, ": weight dtype ",
                      weight->scalar_type(), " must equal x's dtype ", x.scalar_type());
@@ -54,25 +59,35 @@ inline void check_spmm_layout(const at::Tensor& x, const std::optional<at::Tenso
 }
 
 // The values of spmm's graph structure: both pointers valid CSRs over the E entries,
-// t_edge a permutation, every node index in range.
+// t_edge a permutation and t_pos its inverse, every node index in range.
 inline void check_spmm_values(const at::Tensor& x, const at::Tensor& ptr, const at::Tensor& col,
                               const at::Tensor& t_ptr, const at::Tensor& t_col,
-                              const at::Tensor& t_edge, int64_t dim, const char* op) {
+                              const at::Tensor& t_edge, const at::Tensor& t_pos, int64_t dim,
+                              const char* op) {
   const int64_t edges = col.numel();
   check_csr(ptr, std::nullopt, edges, op, dim);
   check_index_range(col, x.size(dim), op, "col", dim);
   check_csr(t_ptr, t_edge, edges, op, dim);
   check_index_range(t_col, ptr.numel() - 1, op, "t_col", dim);
+  check_index_range(t_pos, edges, op, "t_pos", dim);
+  if (edges > 0) {
+    const auto t_edge_l = t_edge.to(at::kLong);
+    const auto round_trip = t_pos.to(at::kLong).index_select(0, t_edge_l);
+    const auto expected = at::arange(edges, t_edge_l.options());
+    TORCH_CHECK_VALUE(at::equal(round_trip, expected), op,
+                      ": t_pos must be the inverse permutation of t_edge");
+  }
 }
 
 // Shapes, dtypes and devices of spmm's arguments; with `check`, also the values.
 inline void check_spmm_args(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                             const at::Tensor& ptr, const at::Tensor& col, const at::Tensor& t_ptr,
-                            const at::Tensor& t_col, const at::Tensor& t_edge, int64_t dim,
-                            bool check, const char* op) {
-  check_spmm_layout(x, weight, ptr, col, t_ptr, t_col, t_edge, dim, op);
+                            const at::Tensor& t_col, const at::Tensor& t_edge,
+                            const at::Tensor& t_pos, int64_t dim, bool residual, bool check,
+                            const char* op) {
+  check_spmm_layout(x, weight, ptr, col, t_ptr, t_col, t_edge, t_pos, dim, residual, op);
   if (!check) return;
-  check_spmm_values(x, ptr, col, t_ptr, t_col, t_edge, dim, op);
+  check_spmm_values(x, ptr, col, t_ptr, t_col, t_edge, t_pos, dim, op);
 }
 
 }  // namespace fastcore

@@ -3,8 +3,9 @@ cross-model KV-cache alignment and temporal-encoder alignment."""
 
 from fastcore import losses, ops
 from fastcore._backend import BACKENDS, backends, get_backend, set_backend, use_backend
-from fastcore.graph import Graph, Hierarchy, remap_hierarchy_and_graphs_strict
-from fastcore.resample import Resample
+from fastcore.graph import Hierarchy, remap_hierarchy_and_graphs_strict
+from fastcore.ops.graph import Graph
+from fastcore.ops.resample import Resample
 
 __version__ = "0.1.0"
 

@@ -18,6 +18,11 @@ triton     CUDA tensors   ``triton`` is installed and a GPU is visible;
 every op; an op that cannot run the forced backend on the given device raises instead of
 silently running something else. Without a forced backend, CPU tensors use ``cpu`` and
 CUDA tensors use the op's fastest measured GPU backend, falling back to ``reference``.
+
+An op registered with ``composite=True`` (a fused op that layers call on every device) has
+a fast PyTorch composite of its own: :func:`resolve` answers ``"composite"`` where none of
+its kernels runs (no GPU kernel yet, or a forced backend the op does not implement), so the
+op, not the layer that calls it, owns that choice.
 """
 
 from __future__ import annotations
@@ -117,26 +122,33 @@ class OpSpec:
     name: str
     backends: tuple[str, ...]
     gpu_order: tuple[str, ...]
+    composite: bool = False
 
 
 _OPS: dict[str, OpSpec] = {}
 
 
-def register_op(name: str, backends: Sequence[str], gpu_order: Sequence[str]) -> OpSpec:
-    """Declare an op's implemented backends and its GPU preference (fastest measured first)."""
+def register_op(
+    name: str, backends: Sequence[str], gpu_order: Sequence[str], composite: bool = False
+) -> OpSpec:
+    """Declare an op's implemented backends, its GPU preference (fastest measured first) and
+    whether it has a composite of its own for devices and forced backends without a kernel."""
     for b in (*backends, *gpu_order):
         _check_name(b, f"register_op({name!r})")
-    spec = OpSpec(name, tuple(backends), tuple(gpu_order))
+    spec = OpSpec(name, tuple(backends), tuple(gpu_order), composite)
     _OPS[name] = spec
     return spec
 
 
 def resolve(op: str, device: torch.device) -> str:
-    """The backend that runs ``op`` on ``device`` for this call."""
+    """What runs ``op`` on ``device`` for this call: a backend name, or ``"composite"`` for
+    an op registered with one where none of its kernels runs."""
     spec = _OPS[op]
     device_type = device.type
     if _forced is not None:
         if _forced not in spec.backends:
+            if spec.composite:
+                return "composite"
             raise RuntimeError(
                 f"fastcore.ops.{op} has no {_forced!r} backend (forced by {_ENV} or set_backend); "
                 f"it implements {', '.join(spec.backends)}"
@@ -152,13 +164,4 @@ def resolve(op: str, device: torch.device) -> str:
     for backend in order:
         if backend in spec.backends and usable(backend, device_type):
             return backend
-    return "reference"
-
-
-def runs_kernel(op: str, device: torch.device) -> bool:
-    """Whether ``op`` runs a compiled or Triton kernel on ``device`` for this call. False on
-    the reference, and when the forced backend does not implement ``op`` (where
-    :func:`resolve` raises): for layers that keep a composite of their own for that case."""
-    if _forced is not None and _forced not in _OPS[op].backends:
-        return False
-    return resolve(op, device) != "reference"
+    return "composite" if spec.composite else "reference"

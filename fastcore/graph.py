@@ -25,14 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastcore.ops import index_csr
+from fastcore.ops._csr import index_csr
+from fastcore.ops.graph import Graph, IndexLike, as_int64, first_true, resolve_device
 
 __all__ = ["Graph", "Hierarchy", "HierarchyIndexError", "remap_hierarchy_and_graphs_strict"]
 
 DEFAULT_LEVEL_NAMES = ("fine", "medium", "coarse")
 
-#: A 1-D (or, for edge indices, 2-D) integer array: a torch tensor, a NumPy array or a list.
-IndexLike = torch.Tensor | np.ndarray | Sequence[Any]
 #: One level's graph: None (no edges), ``edge_index``, ``(edge_index, edge_attr_or_None)``,
 #: or an object with ``.edge_index`` and optional ``.edge_attr`` (a torch_geometric Data).
 GraphLike = Any
@@ -48,58 +47,11 @@ class HierarchyIndexError(IndexError, ValueError):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _find_device(obj: Any, depth: int = 0) -> torch.device | None:
-    """The device of the first torch tensor in (shallowly nested) ``obj``, else None."""
-    if isinstance(obj, torch.Tensor):
-        return obj.device
-    if depth > 3 or obj is None or isinstance(obj, (str, bytes, np.ndarray)):
-        return None
-    if isinstance(obj, (list, tuple)):
-        for item in obj:
-            found = _find_device(item, depth + 1)
-            if found is not None:
-                return found
-        return None
-    if hasattr(obj, "edge_index"):
-        return _find_device(getattr(obj, "edge_index", None), depth + 1)
-    return None
-
-
-def _resolve_device(device: torch.device | str | None, *inputs: Any) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    for obj in inputs:
-        found = _find_device(obj)
-        if found is not None:
-            return found
-    return torch.device("cpu")
-
-
-def _to_int64(x: Any, what: str, device: torch.device) -> torch.Tensor:
-    """``x`` as an int64 tensor on ``device`` (any shape); TypeError for non-integers."""
-    if isinstance(x, torch.Tensor):
-        t = x
-    else:
-        a = np.asarray(x)
-        if a.size and a.dtype.kind not in "iu":
-            raise TypeError(f"{what} must hold integers, got NumPy dtype {a.dtype}")
-        if a.dtype.kind == "u" and a.size and int(a.max()) > np.iinfo(np.int64).max:
-            raise ValueError(f"{what} value {int(a.max())} does not fit in int64")
-        t = torch.from_numpy(a.astype(np.int64) if a.size else np.zeros(a.shape, np.int64))
-    if t.numel() and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
-        raise TypeError(f"{what} must hold integers, got {t.dtype}")
-    return t.to(device=device, dtype=torch.int64)
-
-
 def _to_index_1d(x: Any, what: str, device: torch.device) -> torch.Tensor:
-    t = _to_int64(x, what, device)
+    t = as_int64(x, what, device)
     if t.dim() != 1:
         raise ValueError(f"{what} must be 1-D, got shape {tuple(t.shape)}")
     return t
-
-
-def _first_true(mask: torch.Tensor) -> int:
-    return int(torch.nonzero(mask.reshape(-1))[0])
 
 
 def _check_names(level_names: Sequence[str], num_levels: int) -> tuple[str, ...]:
@@ -154,7 +106,7 @@ def _check_unique(ids: torch.Tensor, name: str) -> None:
     sorted_ids, order = torch.sort(ids, stable=True)
     same = sorted_ids[1:] == sorted_ids[:-1]
     if bool(same.any()):
-        k = _first_true(same)
+        k = first_true(same)
         raise ValueError(
             f"duplicate basin id {int(sorted_ids[k + 1])} at level '{name}' "
             f"(positions {int(order[k])} and {int(order[k + 1])})"
@@ -199,7 +151,7 @@ def _check_edges(
         if edge_attr is not None:
             raise ValueError(f"{kind} edge_attr at level '{name}' is given without an edge_index")
         return torch.empty(2, 0, dtype=torch.int64, device=device), None
-    ei = _to_int64(edge_index, f"{kind} edge_index at level '{name}'", device)
+    ei = as_int64(edge_index, f"{kind} edge_index at level '{name}'", device)
     if ei.dim() != 2 or ei.shape[0] != 2:
         raise ValueError(
             f"{kind} edge_index at level '{name}' must have shape [2, E], got {tuple(ei.shape)}"
@@ -213,7 +165,7 @@ def _check_edges(
     if num_edges:
         bad = (ei < 0) | (ei >= bound)
         if bool(bad.any()):
-            e = _first_true(bad.any(0))
+            e = first_true(bad.any(0))
             end = 0 if bool(bad[0, e]) else 1
             v = int(ei[end, e])
             where = f"at level '{name}' (edge {e}, {('source', 'target')[end]})"
@@ -272,6 +224,28 @@ class Hierarchy:
 
     Build it with :func:`remap_hierarchy_and_graphs_strict` from sparse basin ids and
     parent keys, or directly from dense indices with this constructor.
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import Hierarchy
+        >>> h = Hierarchy(
+        ...     num_nodes=[4, 2],
+        ...     parent_index=[[0, 0, 1, 1]],  # fine node i pools into coarse node parent[i]
+        ...     river_graphs=[torch.tensor([[0, 1, 2], [1, 3, 3]]), None],
+        ...     level_names=["fine", "coarse"],
+        ... )
+        >>> h.num_nodes, h.parent_index("fine").tolist()
+        ((4, 2), [0, 0, 1, 1])
+        >>> [t.tolist() for t in h.pool_csr("fine")]  # built once, read by every pooling
+        [[0, 1, 2, 3], [0, 2, 4]]
+        >>> river, causal = h.graphs("fine")
+        >>> river
+        Graph(num_nodes=4, num_edges=3, device=cpu)
+        >>> try:
+        ...     Hierarchy([3, 2], parent_index=[[0, 1, 2]], level_names=["fine", "coarse"])
+        ... except IndexError as err:
+        ...     print(err)
+        parent index 2 >= num_nodes 2 of level 'coarse' at level 'fine' (node 2)
     """
 
     level_names: tuple[str, ...]
@@ -332,7 +306,7 @@ class Hierarchy:
                 raise ValueError(f"num_nodes at level '{name}' must be an int >= 0, got {n!r}")
             sizes.append(int(n))
         feats = _check_num_features(num_features)
-        dev = _resolve_device(device, parent_index, river_graphs, causal_graphs, valid_basin_ids)
+        dev = resolve_device(device, parent_index, river_graphs, causal_graphs, valid_basin_ids)
 
         _check_parent_arrays(parent_index, num_levels, "parent_index")
         parents = []
@@ -346,7 +320,7 @@ class Hierarchy:
             bound = sizes[lv + 1]
             bad = (p < 0) | (p >= bound)
             if p.numel() and bool(bad.any()):
-                i = _first_true(bad)
+                i = first_true(bad)
                 v = int(p[i])
                 cmp = "< 0" if v < 0 else f">= num_nodes {bound} of level '{names[lv + 1]}'"
                 raise HierarchyIndexError(
@@ -672,7 +646,7 @@ def _parent_positions(
         pos = torch.zeros_like(keys)
         found = torch.zeros_like(keys, dtype=torch.bool)
     if not bool(found.all()):
-        i = _first_true(~found)
+        i = first_true(~found)
         raise ValueError(
             f"parent key {int(keys[i])} of node {i} (basin id {int(child_ids[i])}) at level "
             f"'{name}' is not a basin id of level '{parent_name}'"
@@ -721,13 +695,35 @@ def remap_hierarchy_and_graphs_strict(
             whose length is not E; :class:`HierarchyIndexError` (an ``IndexError`` and a
             ``ValueError``): an edge index negative or ``>= N_l`` (river) / ``>= N_l*F``
             (causal) in the input. Each message names the level, the graph and the value.
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import remap_hierarchy_and_graphs_strict
+        >>> h = remap_hierarchy_and_graphs_strict(
+        ...     basin_ids=[[11, 12, 13, 14], [100, 200, 300]],
+        ...     parent_keys=[[100, 100, 300, 300]],  # basin 200 has no child: it is dropped
+        ...     river_graphs=[torch.tensor([[0, 1, 2], [1, 3, 3]]), torch.tensor([[0, 1], [2, 2]])],
+        ...     level_names=["fine", "coarse"],
+        ... )
+        >>> h.num_nodes, h.valid_basin_ids[1].tolist(), h.parent_index("fine").tolist()
+        ((4, 2), [100, 300], [0, 0, 1, 1])
+        >>> h.river_edge_index[1].tolist()  # the edge 200 -> 300 went with basin 200
+        [[0], [1]]
+        >>> h.cropped[1]
+        {'nodes': 1, 'river_edges': 1, 'causal_edges': 0}
+        >>> remap_hierarchy_and_graphs_strict(
+        ...     basin_ids=[[11, 12], [100]], parent_keys=[[100, 999]], level_names=["fine", "coarse"]
+        ... )
+        Traceback (most recent call last):
+            ...
+        ValueError: parent key 999 of node 1 (basin id 12) at level 'fine' is not a basin id of level 'coarse'
     """
     if not isinstance(basin_ids, (list, tuple)) or not basin_ids:
         raise TypeError("basin_ids must be a non-empty list with one id array per level")
     num_levels = len(basin_ids)
     names = _check_names(level_names, num_levels)
     feats = _check_num_features(num_features)
-    dev = _resolve_device(device, basin_ids, parent_keys, river_graphs, causal_graphs)
+    dev = resolve_device(device, basin_ids, parent_keys, river_graphs, causal_graphs)
 
     ids = [
         _to_index_1d(b, f"basin_ids at level '{names[lv]}'", dev) for lv, b in enumerate(basin_ids)
@@ -789,172 +785,3 @@ def remap_hierarchy_and_graphs_strict(
         cropped=crops,
         device=dev,
     )
-
-
-# ----------------------------------------------------------------------------- Graph
-
-NORMALIZATIONS = ("none", "mean", "sym")
-
-
-class Graph:
-    """A directed graph over ``num_nodes`` nodes for :func:`fastcore.ops.spmm`, validated
-    once, with the sparse layouts every convolution needs computed once.
-
-    Edge e goes from ``edge_index[0, e]`` (source) to ``edge_index[1, e]`` (destination).
-    Cached, all int64 on the graph's device:
-
-    * ``perm [E]``: the edges sorted stably by destination (CSR entry k is edge ``perm[k]``);
-      ``ptr [N+1]`` and ``col [E]`` (the source of each CSR entry): the forward's CSR;
-    * ``t_ptr [N+1]``, ``t_col [E]`` (the destination of each entry of the edges sorted
-      stably by source) and ``t_edge [E]`` (each such entry's CSR position): the transpose,
-      which the backward runs;
-    * ``in_degree`` / ``out_degree [N]`` and :meth:`normalization` weights.
-
-    Using a Graph never reads index values again, so it never synchronises with a GPU.
-
-    Args:
-        edge_index: int ``[2, E]`` (torch, NumPy or nested lists), values in ``[0, num_nodes)``.
-        num_nodes: N.
-        edge_attr: optional ``[E, ...]`` edge features, kept in edge order.
-        device: where the graph lives; None: edge_index's device (CPU for non-tensors).
-
-    Raises:
-        IndexError: an edge index negative or ``>= num_nodes`` (the value and edge named);
-        ValueError: a bad shape, ``num_nodes`` or ``edge_attr`` length.
-    """
-
-    def __init__(
-        self,
-        edge_index: IndexLike,
-        num_nodes: int,
-        edge_attr: torch.Tensor | None = None,
-        *,
-        device: torch.device | str | None = None,
-        _with_loops: bool = True,
-    ) -> None:
-        if (
-            isinstance(num_nodes, bool)
-            or not isinstance(num_nodes, (int, np.integer))
-            or num_nodes < 0
-        ):
-            raise ValueError(f"Graph: num_nodes must be an int >= 0, got {num_nodes!r}")
-        dev = _resolve_device(device, edge_index)
-        ei = _to_int64(edge_index, "Graph edge_index", dev)
-        if ei.dim() != 2 or ei.shape[0] != 2:
-            raise ValueError(f"Graph: edge_index must have shape [2, E], got {tuple(ei.shape)}")
-        n = int(num_nodes)
-        if ei.shape[1]:
-            bad = (ei < 0) | (ei >= n)
-            if bool(bad.any()):
-                e = _first_true(bad.any(0))
-                end = 0 if bool(bad[0, e]) else 1
-                v = int(ei[end, e])
-                relation = "< 0" if v < 0 else f">= num_nodes {n}"
-                raise IndexError(
-                    f"Graph: edge index {v} {relation} (edge {e}, {('source', 'target')[end]})"
-                )
-        if edge_attr is not None:
-            if (
-                not isinstance(edge_attr, torch.Tensor)
-                or edge_attr.dim() == 0
-                or edge_attr.shape[0] != ei.shape[1]
-            ):
-                shape = (
-                    tuple(edge_attr.shape)
-                    if isinstance(edge_attr, torch.Tensor)
-                    else type(edge_attr).__name__
-                )
-                raise ValueError(
-                    f"Graph: edge_attr must be a tensor [E={ei.shape[1]}, ...], got {shape}"
-                )
-            edge_attr = edge_attr.to(dev)
-        self.num_nodes = n
-        self.edge_index = ei
-        self.edge_attr = edge_attr
-        src, dst = ei[0], ei[1]
-        self.perm, self.ptr = index_csr(dst, n)
-        self.col = src[self.perm]
-        by_source, self.t_ptr = index_csr(src, n)
-        self.t_col = dst[by_source]
-        csr_position = torch.empty_like(self.perm).scatter_(
-            0, self.perm, torch.arange(self.num_edges, device=dev)
-        )
-        self.t_edge = csr_position[by_source]
-        self.in_degree = self.ptr.diff()
-        self.out_degree = self.t_ptr.diff()
-        self._norms: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-        # built with the graph (not on first use, which may be inside a compiled region)
-        self._self_loops = self._build_self_loops() if _with_loops else None
-
-    def _build_self_loops(self) -> Graph:
-        nodes = torch.arange(self.num_nodes, device=self.device)
-        edges = torch.cat([self.edge_index, torch.stack([nodes, nodes])], 1)
-        return Graph(edges, self.num_nodes, _with_loops=False)
-
-    def with_self_loops(self) -> Graph:
-        """This graph plus an edge ``v -> v`` for every node, appended after its own edges
-        (edge ``num_edges + v`` is node v's loop; edge_attr is dropped), built with the
-        graph. ``spmm(x, g.with_self_loops(), cat([w, ones(N)]))`` is ``x + spmm(x, g, w)``
-        in one pass (each row sums its incoming edges, then itself)."""
-        if self._self_loops is None:  # a self-loop graph's own
-            self._self_loops = self._build_self_loops()
-        return self._self_loops
-
-    @property
-    def num_edges(self) -> int:
-        return int(self.edge_index.shape[1])
-
-    @property
-    def device(self) -> torch.device:
-        return self.edge_index.device
-
-    def csr(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(ptr, col, t_ptr, t_col, t_edge)``: the structure arguments of ``fastcore::spmm``."""
-        return self.ptr, self.col, self.t_ptr, self.t_col, self.t_edge
-
-    def normalization(self, kind: str = "sym", dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Per-edge weights ``[E]`` in edge order, computed once per (kind, dtype):
-        ``"sym"``: ``1 / sqrt(out_degree[src] * in_degree[dst])``; ``"mean"``:
-        ``1 / in_degree[dst]`` (each destination averages its incoming rows); ``"none"``: 1."""
-        if kind not in NORMALIZATIONS:
-            raise ValueError(
-                f"Graph.normalization: kind must be one of {', '.join(NORMALIZATIONS)}; got {kind!r}"
-            )
-        dtype = dtype or torch.get_default_dtype()
-        key = (kind, dtype)
-        if key not in self._norms:
-            src, dst = self.edge_index
-            deg_in = self.in_degree.to(dtype)
-            if kind == "none":
-                w = torch.ones(self.num_edges, dtype=dtype, device=self.device)
-            elif kind == "mean":
-                w = deg_in[dst].reciprocal()
-            else:
-                w = (self.out_degree.to(dtype)[src] * deg_in[dst]).rsqrt()
-            self._norms[key] = w
-        return self._norms[key]
-
-    def to(self, device: torch.device | str) -> Graph:
-        """A copy with every tensor on ``device`` (no re-validation)."""
-        other = copy.copy(self)
-        for name in (
-            "edge_index",
-            "perm",
-            "ptr",
-            "col",
-            "t_ptr",
-            "t_col",
-            "t_edge",
-            "in_degree",
-            "out_degree",
-        ):
-            setattr(other, name, getattr(self, name).to(device))
-        if self.edge_attr is not None:
-            other.edge_attr = self.edge_attr.to(device)
-        other._norms = {k: v.to(device) for k, v in self._norms.items()}
-        other._self_loops = None if self._self_loops is None else self._self_loops.to(device)
-        return other
-
-    def __repr__(self) -> str:
-        attr = "" if self.edge_attr is None else f", edge_attr={tuple(self.edge_attr.shape)}"
-        return f"Graph(num_nodes={self.num_nodes}, num_edges={self.num_edges}{attr}, device={self.device})"

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from fastcore import _backend
+from fastcore import _backend, reference
+from fastcore.models.basin import HierarchicalBasinModel
+from fastcore.nn import SpatioTemporalBlock
 
 # Relative-error bounds vs a float64 reference, by the dtype under test.
 TOLERANCE = {
@@ -111,3 +113,25 @@ def assert_same_across_threads(fn, counts=(1, 2, 3)) -> None:
     for n, other in zip(counts[1:], results[1:], strict=True):
         for i, (a, b) in enumerate(zip(results[0], other, strict=True)):
             assert torch.equal(a, b), f"result {i} with {n} threads differs from {counts[0]}"
+
+
+class LoopLayersBasinModel(HierarchicalBasinModel):
+    """:class:`~fastcore.models.HierarchicalBasinModel` on the original code's layers: every
+    block the per-time-step loop :func:`fastcore.reference.spatiotemporal_block`, every
+    per-variable MLP the composite :func:`fastcore.reference.feature_mlp`. Same constructor,
+    parameters and results: the throughput benchmark's baseline and a test's oracle."""
+
+    def block(self, block: SpatioTemporalBlock, h: torch.Tensor, level: int) -> torch.Tensor:
+        river, causal = self.hierarchy.graphs(level)
+        return reference.spatiotemporal_block(block, h, river, causal)
+
+    def mlp(self, index: int, h: torch.Tensor) -> torch.Tensor:
+        m = self.mlps[index]
+        return reference.feature_mlp(h, m.w1, m.b1, m.w2, m.b2)
+
+    @classmethod
+    def sharing(cls, model: HierarchicalBasinModel) -> LoopLayersBasinModel:
+        """A twin of ``model`` on the loop layers that shares its parameters and buffers."""
+        twin = cls.__new__(cls)
+        twin.__dict__.update(model.__dict__)
+        return twin

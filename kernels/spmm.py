@@ -26,11 +26,13 @@ def spmm_fwd_kernel(
     n_src,
     inner,
     HAS_WEIGHT: tl.constexpr,
+    RESIDUAL: tl.constexpr,
     ACC_FP64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """out[o, v, :] = sum_{k in [ptr[v], ptr[v+1])} weight[k] * x[o, col[k], :].
+    """out[o, v, :] = sum_{k in [ptr[v], ptr[v+1])} weight[k] * x[o, col[k], :], plus
+    x[o, v, :] after the sum when RESIDUAL (a square structure).
 
     A program owns BLOCK_R output rows (o, v) x BLOCK_C columns and walks their entries in
     lockstep; each row sums in CSR order (deterministic)."""
@@ -61,6 +63,12 @@ def spmm_fwd_kernel(
                     w = tl.load(weight_ptr + start + j, mask=live, other=0.0).to(acc_dtype)
                     values = values * w[:, None]
                 acc += values
+            if RESIDUAL:
+                acc += tl.load(
+                    x_ptr + (base + v * inner)[:, None] + col[None, :],
+                    mask=row_mask[:, None] & col_mask[None, :],
+                    other=0.0,
+                ).to(acc_dtype)
             tl.store(
                 out_ptr + row[:, None] * inner + col[None, :],
                 acc.to(out_ptr.dtype.element_ty),
@@ -108,9 +116,15 @@ def spmm_edge_grad_kernel(
 
 
 def spmm(
-    x: torch.Tensor, weight: torch.Tensor | None, ptr: torch.Tensor, col: torch.Tensor, dim: int
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    ptr: torch.Tensor,
+    col: torch.Tensor,
+    dim: int,
+    residual: bool = False,
 ) -> torch.Tensor:
-    """fastcore::spmm for a validated CSR (``ptr``, ``col``) and CSR-ordered ``weight``."""
+    """fastcore::spmm for a validated CSR (``ptr``, ``col``) and CSR-ordered ``weight``;
+    ``residual`` adds each row's own input after its entries (square structures)."""
     outer, n_src, inner = fold(x, dim)
     segments = ptr.numel() - 1
     shape = list(x.shape)
@@ -132,6 +146,7 @@ def spmm(
         n_src,
         inner,
         HAS_WEIGHT=weight is not None,
+        RESIDUAL=residual,
         ACC_FP64=x.dtype == torch.float64,
         BLOCK_R=block_r,
         BLOCK_C=block_c,

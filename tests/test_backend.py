@@ -62,6 +62,30 @@ def test_forced_backend_that_cannot_run_is_an_error():
         fastcore.ops.gather(src, torch.tensor([0]), 0)
 
 
+def test_fused_ops_run_their_composite_where_no_kernel_runs():
+    """linear_norm_residual, feature_mlp and time_conv own the choice of their composite: a
+    forced backend they do not implement, or a device without their kernel, runs it (the
+    layers that call them hold no fallback of their own); other ops still refuse."""
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    with fastcore.use_backend(None):
+        for op in ("linear_norm_residual", "feature_mlp", "time_conv"):
+            assert _backend.resolve(op, meta) == "composite", op
+        assert _backend.resolve("spmm", meta) == "reference"
+    with fastcore.use_backend("cuda"):  # implemented by none of the three
+        for op in ("linear_norm_residual", "feature_mlp", "time_conv"):
+            assert _backend.resolve(op, cpu) == "composite", op
+    with fastcore.use_backend("triton"):
+        assert _backend.resolve("linear_norm_residual", cpu) == "composite"
+    g = torch.Generator().manual_seed(0)
+    h, x = torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 4, 8, generator=g)
+    weight, params = torch.randn(4, 8, 8, generator=g), torch.randn(3, 4, 8, generator=g)
+    args = (h, x, weight, params[0], params[1], params[2], 0.5)
+    with fastcore.use_backend("cuda"):
+        out = fastcore.ops.linear_norm_residual(*args)
+    expected = fastcore.reference.linear_norm_residual(*args)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def _run(code, **env):
     environment = {k: v for k, v in os.environ.items() if k != "FASTCORE_BACKEND"}
     environment.update(env)

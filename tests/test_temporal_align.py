@@ -26,7 +26,7 @@ from fastcore.data.text_facts import (  # noqa: E402
     parse_quantities,
     score_numbers,
 )
-from fastcore.train.temporal_align import derangement  # noqa: E402
+from fastcore.train.temporal_report import derangement  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +272,7 @@ def _tiny_overrides(run_dir):
 
 
 def test_job_end_to_end_loss_falls_and_reports(tmp_path):
-    from fastcore.train.__main__ import resolve_config, run
+    from fastcore.train.cli import resolve_config, run
 
     cfg = resolve_config("configs/temporal_align.yaml", _tiny_overrides(tmp_path / "run"))
     run(cfg)

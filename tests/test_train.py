@@ -22,7 +22,7 @@ from fastcore.train import (
     check_gradients,
 )
 from fastcore.train import checkpoint as ckpt_io
-from fastcore.train.__main__ import main, resolve_config, run
+from fastcore.train.cli import main, resolve_config, run
 from fastcore.train.trainer import cosine_with_warmup
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-// Helpers of the fused per-feature row kernels (feature_mlp, linear_norm): tensors
+// Helpers of the fused per-feature row kernels (feature_mlp, linear_norm_residual): tensors
 // [M, F, H] whose every (row, feature) vector of H values goes through small per-feature
 // matmuls.
 #pragma once

@@ -32,11 +32,13 @@ inline void axpy_row(acc_t* __restrict__ acc, acc_t w, const scalar_t* __restric
   for (int64_t j = 0; j < n; ++j) acc[j] += w * static_cast<acc_t>(row[j]);
 }
 
-// Output rows [begin, end) of the flattened [outer, V] view.
+// Output rows [begin, end) of the flattened [outer, V] view; with residual (V == n_src)
+// each row then adds its own input row.
 template <typename scalar_t>
 FASTCORE_SIMD_CLONES void spmm_rows(const scalar_t* x, const scalar_t* weight, const int64_t* ptr,
                                     const int64_t* col, scalar_t* out, int64_t n_src,
-                                    int64_t segments, int64_t inner, int64_t begin, int64_t end) {
+                                    int64_t segments, int64_t inner, bool residual, int64_t begin,
+                                    int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool widen = !std::is_same_v<acc_t, scalar_t>;
   std::vector<acc_t> buffer(widen ? inner : 0);
@@ -51,6 +53,7 @@ FASTCORE_SIMD_CLONES void spmm_rows(const scalar_t* x, const scalar_t* weight, c
       const acc_t w = weight ? static_cast<acc_t>(weight[k]) : acc_t(1);
       axpy_row(acc, w, base + col[k] * inner, inner);
     }
+    if (residual) axpy_row(acc, acc_t(1), base + v * inner, inner);
     if constexpr (widen) {
       for (int64_t j = 0; j < inner; ++j) dst[j] = static_cast<scalar_t>(acc[j]);
     }
@@ -67,7 +70,8 @@ using f32x8 = float __attribute__((vector_size(32), aligned(4), may_alias));
 
 FASTCORE_SIMD_CLONES void spmm_rows_8(const float* x, const float* weight, const int64_t* ptr,
                                       const int64_t* col, float* out, int64_t n_src,
-                                      int64_t segments, int64_t begin, int64_t end) {
+                                      int64_t segments, bool residual, int64_t begin,
+                                      int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
     const int64_t o = row / segments;
     const int64_t v = row - o * segments;
@@ -75,14 +79,16 @@ FASTCORE_SIMD_CLONES void spmm_rows_8(const float* x, const float* weight, const
     f32x8 acc = {};
     for (int64_t k = ptr[v]; k < ptr[v + 1]; ++k)
       acc += weight[k] * *reinterpret_cast<const f32x8*>(base + col[k] * 8);
+    if (residual) acc += *reinterpret_cast<const f32x8*>(base + v * 8);
     *reinterpret_cast<f32x8*>(out + row * 8) = acc;
   }
 }
 
 at::Tensor spmm_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                     const at::Tensor& ptr, const at::Tensor& col, const at::Tensor& t_ptr,
-                    const at::Tensor& t_col, const at::Tensor& t_edge, int64_t dim, bool check) {
-  check_spmm_args(x, weight, ptr, col, t_ptr, t_col, t_edge, dim, check, "spmm");
+                    const at::Tensor& t_col, const at::Tensor& t_edge, const at::Tensor& t_pos,
+                    int64_t dim, bool residual, bool check) {
+  check_spmm_args(x, weight, ptr, col, t_ptr, t_col, t_edge, t_pos, dim, residual, check, "spmm");
   const Fold f = fold_at(x, dim);
   const int64_t segments = ptr.numel() - 1;
   auto out = at::empty(shape_with(x, dim, segments), x.options());
@@ -104,12 +110,12 @@ at::Tensor spmm_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight
     if (std::is_same_v<scalar_t, float> && wp && f.inner == 8) {
       at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
         spmm_rows_8(reinterpret_cast<const float*>(xp), reinterpret_cast<const float*>(wp), p,
-                    c, reinterpret_cast<float*>(o), f.size, segments, begin, end);
+                    c, reinterpret_cast<float*>(o), f.size, segments, residual, begin, end);
       });
       return;
     }
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      spmm_rows(xp, wp, p, c, o, f.size, segments, f.inner, begin, end);
+      spmm_rows(xp, wp, p, c, o, f.size, segments, f.inner, residual, begin, end);
     });
   });
   return out;
@@ -147,9 +153,10 @@ FASTCORE_SIMD_CLONES void edge_grad_rows(const scalar_t* grad, const scalar_t* x
 
 at::Tensor spmm_edge_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& ptr,
                               const at::Tensor& col, const at::Tensor& t_ptr,
-                              const at::Tensor& t_col, const at::Tensor& t_edge, int64_t dim) {
+                              const at::Tensor& t_col, const at::Tensor& t_edge,
+                              const at::Tensor& t_pos, int64_t dim) {
   constexpr const char* op = "spmm_edge_grad";
-  check_spmm_args(x, std::nullopt, ptr, col, t_ptr, t_col, t_edge, dim, false, op);
+  check_spmm_args(x, std::nullopt, ptr, col, t_ptr, t_col, t_edge, t_pos, dim, false, false, op);
   TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), op, ": grad dtype ", grad.scalar_type(),
                    " must equal x's dtype ", x.scalar_type());
   const auto expected = shape_with(x, dim, ptr.numel() - 1);

@@ -27,12 +27,13 @@ void check_cuda(const at::Tensor& x, const char* op) {
 
 at::Tensor spmm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                      const at::Tensor& ptr, const at::Tensor& col, const at::Tensor& t_ptr,
-                     const at::Tensor& t_col, const at::Tensor& t_edge, int64_t dim, bool check) {
+                     const at::Tensor& t_col, const at::Tensor& t_edge, const at::Tensor& t_pos,
+                     int64_t dim, bool residual, bool check) {
   constexpr const char* op = "spmm";
-  check_spmm_layout(x, weight, ptr, col, t_ptr, t_col, t_edge, dim, op);
+  check_spmm_layout(x, weight, ptr, col, t_ptr, t_col, t_edge, t_pos, dim, residual, op);
   check_cuda(x, op);
   const c10::cuda::CUDAGuard guard(x.device());
-  if (check) check_spmm_values(x, ptr, col, t_ptr, t_col, t_edge, dim, op);
+  if (check) check_spmm_values(x, ptr, col, t_ptr, t_col, t_edge, t_pos, dim, op);
 
   const Fold f = fold_at(x, dim);
   const int64_t segments = ptr.numel() - 1;
@@ -53,7 +54,7 @@ at::Tensor spmm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weigh
   const cudaError_t err =
       launch(x_c.const_data_ptr(), w_c ? w_c->const_data_ptr() : nullptr,
              ptr_c.const_data_ptr<int64_t>(), col_c.const_data_ptr<int64_t>(),
-             out.mutable_data_ptr(), f.outer, f.size, segments, f.inner,
+             out.mutable_data_ptr(), f.outer, f.size, segments, f.inner, residual ? 1 : 0,
              c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
   return out;
@@ -61,9 +62,10 @@ at::Tensor spmm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weigh
 
 at::Tensor spmm_edge_grad_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& ptr,
                                const at::Tensor& col, const at::Tensor& t_ptr,
-                               const at::Tensor& t_col, const at::Tensor& t_edge, int64_t dim) {
+                               const at::Tensor& t_col, const at::Tensor& t_edge,
+                               const at::Tensor& t_pos, int64_t dim) {
   constexpr const char* op = "spmm_edge_grad";
-  check_spmm_args(x, std::nullopt, ptr, col, t_ptr, t_col, t_edge, dim, false, op);
+  check_spmm_args(x, std::nullopt, ptr, col, t_ptr, t_col, t_edge, t_pos, dim, false, false, op);
   TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), op, ": grad dtype ", grad.scalar_type(),
                    " must equal x's dtype ", x.scalar_type());
   const auto expected = shape_with(x, dim, ptr.numel() - 1);

@@ -45,13 +45,14 @@ using fastcore_cuda::to_double;
 
 // ---------------------------------------------------------------------------
 // spmm: out[o, v, :] = sum_{k in [ptr[v], ptr[v+1])} weight[k] * x[o, col[k], :]
+//                      (+ x[o, v, :] after the sum when residual)
 
 template <typename scalar_t, int VEC, bool WEIGHTED>
 __global__ void __launch_bounds__(kThreads)
     spmm_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
                 const int64_t* __restrict__ ptr, const int64_t* __restrict__ col,
                 scalar_t* __restrict__ out, int64_t outer, int64_t n_src, int64_t segments,
-                int64_t inner) {
+                int64_t inner, bool residual) {
   using A = Acc<scalar_t>;
   using acc_t = typename A::type;
   using pack_t = Pack<scalar_t, VEC>;
@@ -83,6 +84,11 @@ __global__ void __launch_bounds__(kThreads)
           for (int i = 0; i < VEC; ++i) acc[i] += A::load(p.v[i]);
         }
       }
+      if (residual) {  // the row's own input, added last (square graphs: n_src == segments)
+        const pack_t p = base[v * width + c];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[i] += A::load(p.v[i]);
+      }
       pack_t res;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) res.v[i] = A::store(acc[i]);
@@ -97,19 +103,19 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, int VEC, bool WEIGHTED>
 cudaError_t launch_spmm(const void* x, const void* weight, const int64_t* ptr, const int64_t* col,
                         void* out, int64_t outer, int64_t n_src, int64_t segments, int64_t inner,
-                        cudaStream_t stream) {
+                        bool residual, cudaStream_t stream) {
   if constexpr (VEC > 1) {
     constexpr uintptr_t bytes = sizeof(scalar_t) * VEC;
     const uintptr_t bits = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out);
     if (inner % VEC != 0 || bits % bytes != 0) {
       return launch_spmm<scalar_t, VEC / 2, WEIGHTED>(x, weight, ptr, col, out, outer, n_src,
-                                                      segments, inner, stream);
+                                                      segments, inner, residual, stream);
     }
   }
   const RowLaunch l = row_launch(outer * segments, inner / VEC);
   spmm_kernel<scalar_t, VEC, WEIGHTED><<<l.grid, l.block, 0, stream>>>(
       static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(weight), ptr, col,
-      static_cast<scalar_t*>(out), outer, n_src, segments, inner);
+      static_cast<scalar_t*>(out), outer, n_src, segments, inner, residual);
   return cudaGetLastError();
 }
 
@@ -117,15 +123,16 @@ cudaError_t launch_spmm(const void* x, const void* weight, const int64_t* ptr, c
 template <typename scalar_t>
 cudaError_t spmm(const void* x, const void* weight, const int64_t* ptr, const int64_t* col,
                  void* out, int64_t outer, int64_t n_src, int64_t segments, int64_t inner,
-                 cudaStream_t stream) {
+                 int residual, cudaStream_t stream) {
   if (outer <= 0 || segments <= 0 || inner <= 0) return cudaSuccess;
+  if (residual && n_src != segments) return cudaErrorInvalidValue;
   constexpr int kVec = 16 / sizeof(scalar_t);
   if (weight != nullptr) {
     return launch_spmm<scalar_t, kVec, true>(x, weight, ptr, col, out, outer, n_src, segments,
-                                             inner, stream);
+                                             inner, residual != 0, stream);
   }
   return launch_spmm<scalar_t, kVec, false>(x, weight, ptr, col, out, outer, n_src, segments,
-                                            inner, stream);
+                                            inner, residual != 0, stream);
 }
 
 // ---------------------------------------------------------------------------
@@ -284,26 +291,30 @@ extern "C" {
 
 cudaError_t fastcore_spmm_cuda_f32(const void* x, const void* weight, const int64_t* ptr,
                                    const int64_t* col, void* out, int64_t outer, int64_t n_src,
-                                   int64_t segments, int64_t inner, cudaStream_t stream) {
-  return spmm<float>(x, weight, ptr, col, out, outer, n_src, segments, inner, stream);
+                                   int64_t segments, int64_t inner, int residual,
+                                   cudaStream_t stream) {
+  return spmm<float>(x, weight, ptr, col, out, outer, n_src, segments, inner, residual, stream);
 }
 
 cudaError_t fastcore_spmm_cuda_f64(const void* x, const void* weight, const int64_t* ptr,
                                    const int64_t* col, void* out, int64_t outer, int64_t n_src,
-                                   int64_t segments, int64_t inner, cudaStream_t stream) {
-  return spmm<double>(x, weight, ptr, col, out, outer, n_src, segments, inner, stream);
+                                   int64_t segments, int64_t inner, int residual,
+                                   cudaStream_t stream) {
+  return spmm<double>(x, weight, ptr, col, out, outer, n_src, segments, inner, residual, stream);
 }
 
 cudaError_t fastcore_spmm_cuda_f16(const void* x, const void* weight, const int64_t* ptr,
                                    const int64_t* col, void* out, int64_t outer, int64_t n_src,
-                                   int64_t segments, int64_t inner, cudaStream_t stream) {
-  return spmm<__half>(x, weight, ptr, col, out, outer, n_src, segments, inner, stream);
+                                   int64_t segments, int64_t inner, int residual,
+                                   cudaStream_t stream) {
+  return spmm<__half>(x, weight, ptr, col, out, outer, n_src, segments, inner, residual, stream);
 }
 
 cudaError_t fastcore_spmm_cuda_bf16(const void* x, const void* weight, const int64_t* ptr,
                                     const int64_t* col, void* out, int64_t outer, int64_t n_src,
-                                    int64_t segments, int64_t inner, cudaStream_t stream) {
-  return spmm<__nv_bfloat16>(x, weight, ptr, col, out, outer, n_src, segments, inner, stream);
+                                    int64_t segments, int64_t inner, int residual,
+                                   cudaStream_t stream) {
+  return spmm<__nv_bfloat16>(x, weight, ptr, col, out, outer, n_src, segments, inner, residual, stream);
 }
 
 int64_t fastcore_spmm_edge_grad_cuda_workspace(int64_t outer, int64_t segments, int64_t edges,

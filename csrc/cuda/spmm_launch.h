@@ -17,21 +17,28 @@
 extern "C" {
 
 // out[o, v, j] = sum_{k in [ptr[v], ptr[v+1])} weight[k] * x[o, col[k], j], summed in CSR
-// order (deterministic, no atomics); weight may be nullptr (every weight 1). Half types
-// accumulate in float32, float64 in float64. An empty row gives 0. The x-gradient of spmm
-// is this product over the transpose (t_ptr, t_col, weight permuted by t_edge).
+// order (deterministic, no atomics); weight may be nullptr (every weight 1). With residual
+// non-zero (a square structure: n_src == segments, else cudaErrorInvalidValue) each row
+// then adds its own x[o, v, j], in the accumulation type. Half types accumulate in
+// float32, float64 in float64. An empty row gives 0 (x[o, v, j] with residual). The
+// x-gradient of spmm is this product over the transpose (t_ptr, t_col, weight permuted by
+// t_edge), with the same residual.
 cudaError_t fastcore_spmm_cuda_f32(const void* x, const void* weight, const int64_t* ptr,
                                    const int64_t* col, void* out, int64_t outer, int64_t n_src,
-                                   int64_t segments, int64_t inner, cudaStream_t stream);
+                                   int64_t segments, int64_t inner, int residual,
+                                   cudaStream_t stream);
 cudaError_t fastcore_spmm_cuda_f64(const void* x, const void* weight, const int64_t* ptr,
                                    const int64_t* col, void* out, int64_t outer, int64_t n_src,
-                                   int64_t segments, int64_t inner, cudaStream_t stream);
+                                   int64_t segments, int64_t inner, int residual,
+                                   cudaStream_t stream);
 cudaError_t fastcore_spmm_cuda_f16(const void* x, const void* weight, const int64_t* ptr,
                                    const int64_t* col, void* out, int64_t outer, int64_t n_src,
-                                   int64_t segments, int64_t inner, cudaStream_t stream);
+                                   int64_t segments, int64_t inner, int residual,
+                                   cudaStream_t stream);
 cudaError_t fastcore_spmm_cuda_bf16(const void* x, const void* weight, const int64_t* ptr,
                                     const int64_t* col, void* out, int64_t outer, int64_t n_src,
-                                    int64_t segments, int64_t inner, cudaStream_t stream);
+                                    int64_t segments, int64_t inner, int residual,
+                                   cudaStream_t stream);
 
 // The number of float64 elements of scratch memory fastcore_spmm_edge_grad_cuda_* needs for
 // this shape (0: none, workspace may be nullptr). A function of the shape only.

@@ -29,9 +29,10 @@ Guards: non-finite inputs are replaced with 0 (``nan_to_num``) and logits are cl
 ``[-logit_clamp, logit_clamp]``; every trigger is counted in :attr:`guard_counts` (a dict
 of tensors the job logs), never silent.
 
-``layers="reference"`` builds the same model (same parameters, same results) on the
-reference layers — the per-time-step loop of the original code — for the throughput
-benchmark.
+Its layers run fastcore's ops; the same model on the per-time-step loop of the original
+code (the benchmark baseline and a test's oracle) is
+:class:`fastcore.testing.LoopLayersBasinModel`, which overrides :meth:`~HierarchicalBasinModel.block`
+and :meth:`~HierarchicalBasinModel.mlp`.
 """
 
 from __future__ import annotations
@@ -39,11 +40,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastcore import reference
-from fastcore.graph import Graph, Hierarchy
+from fastcore.graph import Hierarchy
 from fastcore.nn import GraphPooling, GraphUnpooling, SpatioTemporalBlock
 from fastcore.nn.spatiotemporal import EdgeGate
-from fastcore.ops import feature_mlp, spmm
+from fastcore.ops import Graph, feature_mlp, spmm
 
 
 class _Guards:
@@ -109,10 +109,8 @@ class FeatureMLP(nn.Module):
         )
         self.b2 = nn.Parameter(torch.zeros(num_features, hidden))
 
-    def forward(self, h: torch.Tensor, layers: str = "fastcore") -> torch.Tensor:
-        """``layers="reference"``: the composite (two einsums and the GELU)."""
-        fn = reference.feature_mlp if layers == "reference" else feature_mlp
-        return fn(h, self.w1, self.b1, self.w2, self.b2)
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return feature_mlp(h, self.w1, self.b1, self.w2, self.b2)
 
 
 class RiverGRUCell(nn.Module):
@@ -202,7 +200,6 @@ class HierarchicalBasinModel(nn.Module):
         kernel_size: the blocks' causal temporal kernel.
         q_feature: which input variable is the (normalised) discharge.
         decoder_hidden: the width of the decoder's graph GRU state.
-        layers: ``"fastcore"`` or ``"reference"`` (the per-time-step loop, for benchmarks).
     """
 
     def __init__(
@@ -215,7 +212,6 @@ class HierarchicalBasinModel(nn.Module):
         blocks: int = 1,
         kernel_size: int = 3,
         q_feature: int = -1,
-        layers: str = "fastcore",
         detach_hidden: bool = True,
         decoder_hidden: int = 32,
     ) -> None:
@@ -230,10 +226,7 @@ class HierarchicalBasinModel(nn.Module):
             raise ValueError(
                 f"static must be [N_fine={hierarchy.num_nodes[0]}, S], got {tuple(static.shape)}"
             )
-        if layers not in ("fastcore", "reference"):
-            raise ValueError(f"layers must be 'fastcore' or 'reference', got {layers!r}")
         self.hierarchy = hierarchy
-        self.layers = layers
         self.num_inputs, self.hidden = num_inputs, hidden
         self.q_feature = q_feature % num_inputs
         self.detach_hidden = detach_hidden
@@ -264,11 +257,15 @@ class HierarchicalBasinModel(nn.Module):
         self.decoder = _Decoder(decoder_hidden, num_forcings, decoder_hidden, graph_cell=True)
         self.guards = _Guards()
 
-    def _block(self, block: SpatioTemporalBlock, h: torch.Tensor, level: int) -> torch.Tensor:
+    def block(self, block: SpatioTemporalBlock, h: torch.Tensor, level: int) -> torch.Tensor:
+        """Run one :class:`~fastcore.nn.SpatioTemporalBlock` over ``h (B, T, N_l, F, H)`` on
+        level ``level``'s graphs."""
         river, causal = self.hierarchy.graphs(level)
-        if self.layers == "reference":
-            return reference.spatiotemporal_block(block, h, river, causal)
         return block(h, river, causal)
+
+    def mlp(self, index: int, h: torch.Tensor) -> torch.Tensor:
+        """Run the ``index``-th per-variable MLP (0-2 down the levels, 3-4 back up)."""
+        return self.mlps[index](h)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, T, N, F)`` -> the context ``(B, N, decoder_hidden)``."""
@@ -280,12 +277,12 @@ class HierarchicalBasinModel(nn.Module):
             if level:
                 h = self.pool(h, self.hierarchy, level - 1)
             for block in self.down[level]:
-                h = self._block(block, h, level)
-            h = self.mlps[level](h, self.layers)
+                h = self.block(block, h, level)
+            h = self.mlp(level, h)
             states.append(h)
         for level in (1, 0):  # coarse -> medium -> fine guidance
             h = self.unpool(h, self.hierarchy, level, skip=states[level])
-            h = self.mlps[3 + level](self._block(self.up[level][0], h, level), self.layers)
+            h = self.mlp(3 + level, self.block(self.up[level][0], h, level))
             states[level] = h
         last = [s[:, -1] for s in states]  # (B, N_l, F, H)
         medium_on_fine = self.unpool_nodes(last[1], self.hierarchy, 0)

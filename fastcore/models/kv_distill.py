@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fastcore.nn.kv import KVProjector
-from fastcore.resample import Resample
+from fastcore.ops.resample import Resample
 
 
 @dataclass

@@ -9,17 +9,16 @@ the oracle and the benchmark baseline).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fastcore import _backend
-from fastcore.graph import NORMALIZATIONS, Graph
 from fastcore.ops import linear_norm_residual, spmm, time_conv
+from fastcore.ops.graph import NORMALIZATIONS, Graph
 
 
 def _check_graph(graph: Graph, num_nodes: int, what: str) -> None:
-    """The entry check: the graph's indices were bounded by its num_nodes when it was built,
-    so matching num_nodes proves every index fits (no per-call read of the indices)."""
+    """The entry check, before any work: the graph's indices were bounded by its num_nodes
+    when it was built, so matching num_nodes proves every index fits (no per-call read of
+    the indices; the op itself checks only shapes)."""
     if not isinstance(graph, Graph):
         raise TypeError(f"{what} graph must be a fastcore.Graph, got {type(graph).__name__}")
     if graph.num_nodes != num_nodes:
@@ -27,13 +26,6 @@ def _check_graph(graph: Graph, num_nodes: int, what: str) -> None:
             f"{what} graph has {graph.num_nodes} nodes but the input needs {num_nodes}; "
             "its indices would not match the tensor"
         )
-
-
-def _plus_spmm(x: torch.Tensor, graph: Graph, weight: torch.Tensor, dim: int) -> torch.Tensor:
-    """``x + spmm(x, graph, weight)`` as one spmm over the graph with a unit self loop per
-    node: no separate pass for the residual add forward, nor for the gradient sum backward."""
-    loops = torch.ones(graph.num_nodes, dtype=weight.dtype, device=weight.device)
-    return spmm(x, graph.with_self_loops(), torch.cat([weight, loops]), dim=dim)
 
 
 class EdgeGate(nn.Module):
@@ -72,9 +64,9 @@ class SpatioTemporalBlock(nn.Module):
     5. LayerNorm over H with a (F, H) affine per feature;
     6. ``x + res_scale * h``.
 
-    Each graph convolution is one spmm call over all B*T steps, its residual included (the
-    graph's unit self loops, :meth:`fastcore.Graph.with_self_loops`); there is no Python
-    loop.
+    Each graph convolution is one spmm call over all B*T steps, its residual included
+    (``spmm(..., residual=True)``); steps 4-6 are one :func:`fastcore.ops.linear_norm_residual`
+    call; there is no Python loop.
 
     Args:
         num_features: F.  hidden: H.  kernel_size: the temporal kernel (causal: output t
@@ -119,17 +111,8 @@ class SpatioTemporalBlock(nn.Module):
 
     def temporal(self, x: torch.Tensor) -> torch.Tensor:
         """Causal depthwise conv over T on ``x (B, T, N, F*H)``: ``y[:, t] = b + sum_k w[k] *
-        x[:, t - k]`` (zeros before t = 0): :func:`fastcore.ops.time_conv` (one pass over x)
-        on its CPU or Triton backend; on the reference backend kernel_size shifted
-        multiply-adds in place on one output buffer (no padded copies of x)."""
-        steps = x.shape[1]
-        weight = self.temporal_weight.flatten(1)  # (kernel_size, F*H)
-        if _backend.runs_kernel("time_conv", x.device):
-            return time_conv(x, weight, self.temporal_bias.flatten())
-        y = torch.addcmul(self.temporal_bias.flatten(), x, weight[0])
-        for k in range(1, min(self.kernel_size, steps)):
-            y[:, k:].addcmul_(x[:, : steps - k], weight[k])
-        return y
+        x[:, t - k]`` (zeros before t = 0), :func:`fastcore.ops.time_conv`."""
+        return time_conv(x, self.temporal_weight.flatten(1), self.temporal_bias.flatten())
 
     def forward(self, x: torch.Tensor, river: Graph, causal: Graph) -> torch.Tensor:
         """``x (B, T, N, F, H)`` -> the same shape. ``river``: a Graph over the N basins;
@@ -147,25 +130,18 @@ class SpatioTemporalBlock(nn.Module):
         width = self.num_features * self.hidden
         x4 = x.reshape(batch, steps, nodes, width)
         h = self.temporal(x4)
-        h = _plus_spmm(h, river, self.river_gate(river, h.dtype), dim=2)
+        h = spmm(h, river, self.river_gate(river, h.dtype), dim=2, residual=True)
         pairs = h.view(batch, steps, nodes * self.num_features, self.hidden)
-        pairs = _plus_spmm(pairs, causal, self.causal_gate(causal, h.dtype), dim=2)
-        h = pairs.view(x.shape)
-        if _backend.runs_kernel("linear_norm_residual", x.device):  # steps 4-6 in one pass
-            return linear_norm_residual(
-                h,
-                x,
-                self.linear_weight,
-                self.linear_bias,
-                self.norm_weight,
-                self.norm_bias,
-                self.res_scale,
-            )
-        h = torch.einsum("btnfh,fhk->btnfk", h, self.linear_weight).reshape(x4.shape)
-        h = h + self.linear_bias.flatten()
-        h = F.layer_norm(h.view(x.shape), (self.hidden,)).view(x4.shape)
-        h = torch.addcmul(self.norm_bias.flatten(), h, self.norm_weight.flatten())
-        return torch.add(x4, h, alpha=self.res_scale).view(x.shape)
+        pairs = spmm(pairs, causal, self.causal_gate(causal, h.dtype), dim=2, residual=True)
+        return linear_norm_residual(  # steps 4-6 in one pass
+            pairs.view(x.shape),
+            x,
+            self.linear_weight,
+            self.linear_bias,
+            self.norm_weight,
+            self.norm_bias,
+            self.res_scale,
+        )
 
 
 class GraphGRUCell(nn.Module):

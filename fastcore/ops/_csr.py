@@ -12,6 +12,15 @@ def index_csr(index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tenso
     where ``index[m] == v``; ``perm`` is int64 ``[M]``, ``ptr`` int64 ``[size + 1]``. No host
     synchronisation. Values outside ``[0, size)`` fall before ``ptr[0]`` or after
     ``ptr[-1]``, so they belong to no segment (callers validate first).
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import ops
+        >>> perm, ptr = ops.index_csr(torch.tensor([0, 1, 0, 2]), 4)
+        >>> perm.tolist()  # positions holding 0, then 1, then 2
+        [0, 2, 1, 3]
+        >>> ptr.tolist()  # value v owns perm[ptr[v]:ptr[v+1]]; value 3 owns nothing
+        [0, 2, 3, 4, 4]
     """
     sorted_index, perm = torch.sort(index.long(), stable=True)
     bounds = torch.arange(size + 1, device=index.device, dtype=torch.int64)
@@ -26,3 +35,8 @@ def segment_of(perm: torch.Tensor | None, ptr: torch.Tensor, size: int) -> torch
     if perm is None:
         return rows
     return torch.empty_like(rows).scatter_(0, perm.long(), rows)
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """``inv`` with ``inv[perm[i]] = i`` (int64, no host synchronisation)."""
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))

@@ -3,7 +3,11 @@
 Teacher and student sequences rarely have the same length. The original alignment code
 indexed past the end ("index 81 is out of bounds for dimension 2 with size 80") and broke
 on T = 0 and T = 1. These keep indices as int64 on the data's device, inside ``[0, T)``,
-and treat empty sequences as valid. :class:`fastcore.Resample` builds on them.
+and treat empty sequences as valid.
+
+:class:`Resample` (public as ``fastcore.Resample``) is a linear map between sequence
+lengths (teacher -> student time) as CSR rows over the source steps, validated once and
+applied by the spmm kernels; :func:`fastcore.ops.kv_project` takes one.
 """
 
 from __future__ import annotations
@@ -13,7 +17,11 @@ from collections.abc import Sequence
 import torch
 
 from fastcore.ops._checks import FLOAT_DTYPES, check_dtype, normalize_dim
+from fastcore.ops._csr import index_csr, inverse_permutation
 from fastcore.ops.gather import gather
+from fastcore.ops.spmm import apply_csr
+
+__all__ = ["Resample", "build_safe_linear_indices", "safe_time_resample"]
 
 
 def _check_length(value: int, name: str, minimum: int) -> int:
@@ -86,3 +94,189 @@ def safe_time_resample(
     if steps == 0:
         return x.new_zeros(shape) + x.sum() * 0  # zeros, still connected to x's graph
     return gather(x, index.clamp(0, steps - 1), dim, check=False)
+
+
+class Resample:
+    """A linear map from ``num_src`` teacher steps to ``num_dst`` student steps as CSR rows:
+    student step s is ``sum_k weight[k] * x[idx[k]]`` for ``k in [ptr[s], ptr[s+1])``; an
+    empty row gives zeros. Weights are used as given. Validated once; :meth:`apply` runs
+    the ``fastcore::spmm`` kernels (deterministic, differentiable in x).
+
+    Build one with :meth:`linear`, :meth:`nearest`, :meth:`segments` or
+    :meth:`from_offsets`.
+    """
+
+    def __init__(
+        self,
+        ptr: torch.Tensor,
+        idx: torch.Tensor,
+        weight: torch.Tensor,
+        num_src: int,
+    ) -> None:
+        _check_length(num_src, "Resample: num_src", 0)
+        ptr, idx = torch.as_tensor(ptr), torch.as_tensor(idx)
+        weight = torch.as_tensor(weight)
+        for name, t in (("ptr", ptr), ("idx", idx)):
+            if t.dim() != 1 or t.dtype not in (torch.int32, torch.int64):
+                raise ValueError(
+                    f"Resample: {name} must be 1-D int32/int64, got {t.dtype} {tuple(t.shape)}"
+                )
+        if weight.dim() != 1 or weight.shape[0] != idx.shape[0] or not weight.is_floating_point():
+            raise ValueError(
+                f"Resample: weight must be a 1-D float tensor with one entry per idx ({idx.shape[0]}), "
+                f"got {weight.dtype} {tuple(weight.shape)}"
+            )
+        device = ptr.device
+        # Weights kept in float64 (exact for any float input); apply casts to x's dtype.
+        ptr, idx, weight = ptr.long(), idx.to(device).long(), weight.to(device, torch.float64)
+        p = ptr.cpu()
+        if (
+            p.numel() < 1
+            or int(p[0]) != 0
+            or bool((p.diff() < 0).any())
+            or int(p[-1]) != idx.numel()
+        ):
+            raise ValueError(
+                f"Resample: ptr must start at 0, never decrease and end at len(idx) = {idx.numel()}, "
+                f"got {p.tolist() if p.numel() <= 8 else p}"
+            )
+        if idx.numel():
+            lo, hi = (int(v) for v in torch.aminmax(idx))
+            if lo < 0 or hi >= num_src:
+                bad = lo if lo < 0 else hi
+                raise IndexError(f"Resample: source step {bad} is out of range for {num_src} steps")
+        self.num_src = num_src
+        self.ptr, self.idx, self.weight = ptr, idx, weight
+        # The transpose (entries grouped by source step), which the backward runs, and the
+        # permutations between the two orders (t_edge[j]: the row entry of transposed entry
+        # j; t_pos: its inverse).
+        by_source, self.t_ptr = index_csr(idx, num_src)
+        dst = torch.repeat_interleave(
+            torch.arange(ptr.numel() - 1, device=device), ptr.diff(), output_size=idx.numel()
+        )
+        self.t_col = dst[by_source]
+        self.t_edge = by_source
+        self.t_pos = inverse_permutation(by_source)
+
+    @property
+    def num_dst(self) -> int:
+        return self.ptr.numel() - 1
+
+    @classmethod
+    def linear(cls, t_src: int, t_dst: int, device: torch.device | str | None = None) -> Resample:
+        """``F.interpolate(mode="linear", align_corners=True)`` from t_src to t_dst steps
+        (t_src = 0: every row empty, so zeros)."""
+        _check_length(t_src, "Resample.linear: t_src", 0)
+        _check_length(t_dst, "Resample.linear: t_dst", 0)
+        if t_src == 0:
+            return cls.segments(torch.zeros(t_dst + 1, dtype=torch.long, device=device), [], [], 0)
+        idx0, idx1, frac = build_safe_linear_indices(t_src, t_dst, device, dtype=torch.float64)
+        idx = torch.stack([idx0, idx1], 1).flatten()
+        weight = torch.stack([1 - frac, frac], 1).flatten()
+        ptr = torch.arange(0, 2 * t_dst + 1, 2, device=idx.device)
+        return cls(ptr, idx, weight, t_src)
+
+    @classmethod
+    def identity(cls, steps: int, device: torch.device | str | None = None) -> Resample:
+        """Every step maps to itself (``steps`` rows of one entry, weight 1)."""
+        _check_length(steps, "Resample.identity: steps", 0)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        return _identity(steps, device)
+
+    @classmethod
+    def nearest(cls, t_src: int, t_dst: int, device: torch.device | str | None = None) -> Resample:
+        """``F.interpolate(mode="nearest-exact")``: step s takes source
+        ``min(floor((s + 0.5) * t_src / t_dst), t_src - 1)`` (t_src = 0: zeros)."""
+        _check_length(t_src, "Resample.nearest: t_src", 0)
+        _check_length(t_dst, "Resample.nearest: t_dst", 0)
+        if t_src == 0:
+            return cls.segments(torch.zeros(t_dst + 1, dtype=torch.long, device=device), [], [], 0)
+        # floor((s + 0.5) * t_src / t_dst) in exact integer arithmetic (float positions
+        # round exact ties down).
+        steps = torch.arange(t_dst, dtype=torch.long)
+        idx = ((2 * steps + 1) * t_src).div(2 * t_dst, rounding_mode="floor")
+        idx = idx.clamp_(max=t_src - 1).to(device)
+        ptr = torch.arange(t_dst + 1, device=device)
+        return cls(ptr, idx, torch.ones(t_dst, device=device), t_src)
+
+    @classmethod
+    def segments(cls, ptr, idx, weight, t_src: int) -> Resample:
+        """General rows: student step s is ``sum weight[k] * x[idx[k]]`` over
+        ``k in [ptr[s], ptr[s+1])`` (``ptr [Ts+1]``, ``idx`` and ``weight [E]``)."""
+        ptr = torch.as_tensor(ptr)
+        idx = torch.as_tensor(idx, dtype=torch.long, device=ptr.device)
+        weight = torch.as_tensor(weight, device=ptr.device)
+        if not weight.is_floating_point():
+            weight = weight.double()
+        return cls(ptr, idx, weight, t_src)
+
+    @classmethod
+    def from_offsets(cls, teacher_offsets, student_offsets) -> Resample:
+        """Tokenizer-aware alignment: student token s averages the teacher tokens whose
+        character spans overlap its own (``offsets [T, 2]`` of ``(start, end)``, end
+        exclusive, as tokenizers' ``offset_mapping`` gives). A student token that overlaps
+        no teacher token (an empty span, a special token) gets an empty row: zeros."""
+        teacher = torch.as_tensor(teacher_offsets, dtype=torch.long).reshape(-1, 2)
+        student = torch.as_tensor(student_offsets, dtype=torch.long).reshape(-1, 2)
+        t_start, t_end = teacher[:, 0], teacher[:, 1]
+        s_start, s_end = student[:, 0:1], student[:, 1:2]
+        overlap = (t_start < s_end) & (s_start < t_end) & (t_start < t_end) & (s_start < s_end)
+        rows, cols = overlap.nonzero(as_tuple=True)  # row-major: grouped by student token
+        counts = overlap.sum(1)
+        ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        weight = 1.0 / counts[rows].float()
+        return cls(ptr, cols, weight, teacher.shape[0])
+
+    def to(self, device: torch.device | str) -> Resample:
+        """A copy with every tensor on ``device`` (no re-validation)."""
+        other = object.__new__(Resample)
+        other.num_src = self.num_src
+        for name in ("ptr", "idx", "weight", "t_ptr", "t_col", "t_edge", "t_pos"):
+            setattr(other, name, getattr(self, name).to(device))
+        return other
+
+    def apply(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """``x [*lead, num_src, *trail]`` (time at ``dim``) -> ``[*lead, num_dst, *trail]``."""
+        check_dtype(x, FLOAT_DTYPES, "Resample.apply")
+        dim = normalize_dim(dim, x.dim(), "Resample.apply")
+        if x.shape[dim] != self.num_src:
+            raise ValueError(
+                f"Resample.apply: x has {x.shape[dim]} steps along dimension {dim}, but this "
+                f"Resample maps {self.num_src} source steps"
+            )
+        if x.device != self.ptr.device:
+            raise ValueError(
+                f"Resample.apply: x is on {x.device} but the Resample on {self.ptr.device}"
+            )
+        return apply_csr(x, self.weight.to(x.dtype), self.csr(), dim)
+
+    def csr(self) -> tuple[torch.Tensor, ...]:
+        """``(ptr, idx, t_ptr, t_col, t_edge, t_pos)``: the structure arguments of
+        ``fastcore::spmm`` (rows over the source steps, their transpose, the permutations)."""
+        return self.ptr, self.idx, self.t_ptr, self.t_col, self.t_edge, self.t_pos
+
+    def __repr__(self) -> str:
+        return (
+            f"Resample(num_src={self.num_src}, num_dst={self.num_dst}, entries={self.idx.numel()})"
+        )
+
+
+_IDENTITY_CACHE: dict[tuple[int, torch.device], Resample] = {}
+
+
+def _identity(steps: int, device: torch.device) -> Resample:
+    """The identity rows, built without validation (they are valid by construction) and,
+    in eager mode, cached per length and device (a few per process)."""
+    key = (steps, device)
+    if not torch.compiler.is_compiling() and key in _IDENTITY_CACHE:
+        return _IDENTITY_CACHE[key]
+    other = object.__new__(Resample)
+    other.num_src = steps
+    other.ptr = other.t_ptr = torch.arange(steps + 1, device=device)
+    other.idx = other.t_col = other.t_edge = other.t_pos = torch.arange(steps, device=device)
+    other.weight = torch.ones(steps, dtype=torch.float64, device=device)
+    if not torch.compiler.is_compiling():
+        if len(_IDENTITY_CACHE) >= 32:
+            _IDENTITY_CACHE.clear()
+        _IDENTITY_CACHE[key] = other
+    return other

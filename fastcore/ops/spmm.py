@@ -6,7 +6,8 @@ number of leading dims (batch, time), with gradients for the features and the ed
 destination, each row summed in a fixed order: deterministic, no atomics). Backward:
 
 * w.r.t. ``x``: the same operator over the transpose (edges grouped by source), with the
-  weights permuted to that order;
+  weights permuted to that order (and the same ``residual``); the structure carries both
+  permutations between the two orders, so the transpose is a swap of its arguments;
 * w.r.t. the edge weights: ``fastcore::spmm_edge_grad`` (an SDDMM), ``<dy[dst_e], x[src_e]>``
   summed over every leading dim and the row, in a fixed order.
 
@@ -19,7 +20,14 @@ from typing import Optional
 import torch
 
 from fastcore import _backend, reference
-from fastcore.ops._checks import FLOAT_DTYPES, check_dtype, normalize_dim
+from fastcore.ops._checks import (
+    FLOAT_DTYPES,
+    check_csr,
+    check_dtype,
+    check_index_range,
+    normalize_dim,
+)
+from fastcore.ops.graph import Graph
 
 _backend.register_op("spmm", ("reference", "cpu", "triton", "cuda"), gpu_order=("cuda", "triton"))
 
@@ -33,14 +41,17 @@ def _spmm_triton(
     t_ptr: torch.Tensor,
     t_col: torch.Tensor,
     t_edge: torch.Tensor,
+    t_pos: torch.Tensor,
     dim: int,
+    residual: bool,
     check: bool,
 ) -> torch.Tensor:
+    _check_layout(x, ptr, dim, residual)
     if check:
-        _check_structure_values(x, ptr, col, t_ptr, t_col, t_edge, dim)
+        _check_structure_values(x, ptr, col, t_ptr, t_col, t_edge, t_pos, dim)
     from fastcore.kernels import spmm as kernels
 
-    return kernels.spmm(x, weight, ptr, col, dim)
+    return kernels.spmm(x, weight, ptr, col, dim, residual)
 
 
 @torch.library.custom_op("fastcore::spmm_edge_grad_triton", mutates_args=())
@@ -52,6 +63,7 @@ def _spmm_edge_grad_triton(
     t_ptr: torch.Tensor,
     t_col: torch.Tensor,
     t_edge: torch.Tensor,
+    t_pos: torch.Tensor,
     dim: int,
 ) -> torch.Tensor:
     from fastcore.kernels import spmm as kernels
@@ -59,29 +71,33 @@ def _spmm_edge_grad_triton(
     return kernels.spmm_edge_grad(grad, x, ptr, col, dim)
 
 
-def _check_structure_values(x, ptr, col, t_ptr, t_col, t_edge, dim):
-    from fastcore.ops._checks import check_csr, check_index_range
+def _check_layout(x, ptr, dim, residual):
+    if residual and ptr.numel() - 1 != x.shape[dim]:
+        raise ValueError(
+            f"spmm: residual needs a square structure, but it has {ptr.numel() - 1} rows for "
+            f"{x.shape[dim]} inputs along dimension {dim}"
+        )
 
+
+def _check_structure_values(x, ptr, col, t_ptr, t_col, t_edge, t_pos, dim):
     edges = col.numel()
     check_csr(ptr, None, edges, "spmm", dim)
     check_index_range(col, x.shape[dim], "spmm", "col", dim)
     check_csr(t_ptr, t_edge, edges, "spmm", dim)
     check_index_range(t_col, ptr.numel() - 1, "spmm", "t_col", dim)
+    if edges and not torch.equal(t_pos.long()[t_edge.long()], torch.arange(edges, device=x.device)):
+        raise ValueError("spmm: t_pos must be the inverse permutation of t_edge")
 
 
-def _spmm_fake(x, weight, ptr, col, t_ptr, t_col, t_edge, dim, check):
+def _spmm_fake(x, weight, ptr, col, t_ptr, t_col, t_edge, t_pos, dim, residual, check):
+    _check_layout(x, ptr, dim, residual)
     shape = list(x.shape)
     shape[dim] = ptr.shape[0] - 1
     return x.new_empty(shape)
 
 
-def _edge_grad_fake(grad, x, ptr, col, t_ptr, t_col, t_edge, dim):
+def _edge_grad_fake(grad, x, ptr, col, t_ptr, t_col, t_edge, t_pos, dim):
     return x.new_empty(col.shape)
-
-
-def _inverse(perm: torch.Tensor) -> torch.Tensor:
-    """``inv[perm[i]] = i`` (no host synchronisation)."""
-    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
 
 
 def _register_family(spmm_name: str, edge_grad_name: str) -> None:
@@ -91,41 +107,41 @@ def _register_family(spmm_name: str, edge_grad_name: str) -> None:
     torch.library.register_fake(spmm_op)(_spmm_fake)
     torch.library.register_fake(edge_grad_op)(_edge_grad_fake)
 
-    def transpose_apply(y, weight, ptr, col, t_ptr, t_col, t_edge, dim):
+    def transpose_apply(y, weight, ptr, col, t_ptr, t_col, t_edge, t_pos, dim, residual):
         """The transpose product: row u of the result sums weight[k] * y[dst_k] over the
-        CSR entries k whose source is u."""
+        CSR entries k whose source is u (then adds y[u] when residual)."""
         t_weight = None if weight is None else weight[t_edge]
-        return spmm_op(y, t_weight, t_ptr, t_col, ptr, col, _inverse(t_edge), dim, False)
+        return spmm_op(y, t_weight, t_ptr, t_col, ptr, col, t_pos, t_edge, dim, residual, False)
 
     def spmm_setup(ctx, inputs, output):
-        x, weight, ptr, col, t_ptr, t_col, t_edge, dim, _ = inputs
-        ctx.save_for_backward(x, weight, ptr, col, t_ptr, t_col, t_edge)
-        ctx.dim = dim
+        x, weight, ptr, col, t_ptr, t_col, t_edge, t_pos, dim, residual, _ = inputs
+        ctx.save_for_backward(x, weight, ptr, col, t_ptr, t_col, t_edge, t_pos)
+        ctx.dim, ctx.residual = dim, residual
 
     def spmm_backward(ctx, grad):
-        x, weight, ptr, col, t_ptr, t_col, t_edge = ctx.saved_tensors
+        x, weight, *structure = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = transpose_apply(grad, weight, ptr, col, t_ptr, t_col, t_edge, ctx.dim)
+            grad_x = transpose_apply(grad, weight, *structure, ctx.dim, ctx.residual)
         if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = edge_grad_op(grad, x, ptr, col, t_ptr, t_col, t_edge, ctx.dim)
-        return grad_x, grad_w, None, None, None, None, None, None, None
+            grad_w = edge_grad_op(grad, x, *structure, ctx.dim)
+        return grad_x, grad_w, *([None] * 9)
 
     def edge_grad_setup(ctx, inputs, output):
-        grad, x, ptr, col, t_ptr, t_col, t_edge, dim = inputs
-        ctx.save_for_backward(grad, x, ptr, col, t_ptr, t_col, t_edge)
+        grad, x, *structure, dim = inputs
+        ctx.save_for_backward(grad, x, *structure)
         ctx.dim = dim
 
     def edge_grad_backward(ctx, upstream):
         # out[k] = <grad[v_k], x[col_k]>: linear in grad (rows v_k get upstream[k] * x[col_k])
         # and in x (rows col_k get upstream[k] * grad[v_k]).
-        grad, x, ptr, col, t_ptr, t_col, t_edge = ctx.saved_tensors
+        grad, x, *structure = ctx.saved_tensors
         d_grad = d_x = None
         if ctx.needs_input_grad[0]:
-            d_grad = spmm_op(x, upstream, ptr, col, t_ptr, t_col, t_edge, ctx.dim, False)
+            d_grad = spmm_op(x, upstream, *structure, ctx.dim, False, False)
         if ctx.needs_input_grad[1]:
-            d_x = transpose_apply(grad, upstream, ptr, col, t_ptr, t_col, t_edge, ctx.dim)
-        return d_grad, d_x, None, None, None, None, None, None
+            d_x = transpose_apply(grad, upstream, *structure, ctx.dim, False)
+        return d_grad, d_x, *([None] * 7)
 
     torch.library.register_autograd(spmm_op, spmm_backward, setup_context=spmm_setup)
     torch.library.register_autograd(edge_grad_op, edge_grad_backward, setup_context=edge_grad_setup)
@@ -138,12 +154,15 @@ if _backend._C is not None:
 
 def spmm(
     x: torch.Tensor,
-    graph,
+    graph: Graph | torch.Tensor,
     edge_weight: Optional[torch.Tensor] = None,
     dim: int = -2,
+    *,
+    residual: bool = False,
 ) -> torch.Tensor:
     """Graph convolution over every leading dim in one call:
-    ``y[..., v, ...] = sum over edges e with dst_e == v of edge_weight[e] * x[..., src_e, ...]``.
+    ``y[..., v, ...] = sum over edges e with dst_e == v of edge_weight[e] * x[..., src_e, ...]``
+    (plus ``x[..., v, ...]`` with ``residual``).
 
     Args:
         x: ``[*lead, N, *trail]`` with the N nodes at ``dim``; float16/bfloat16/float32/
@@ -156,6 +175,9 @@ def spmm(
         edge_weight: ``[E]`` in edge order (the order of ``graph.edge_index``), x's dtype, or
             None for 1. Differentiable.
         dim: the node dimension.
+        residual: return ``x + spmm(x, graph, edge_weight)`` in the same pass: each row sums
+            its incoming edges, then adds its own input row (in the accumulation type); the
+            backward likewise adds the output gradient to the transposed product.
 
     Returns:
         ``[*lead, N, *trail]``. Deterministic (sorted CSR, fixed summation order).
@@ -165,9 +187,17 @@ def spmm(
             a Graph checked its own at construction); ValueError: a graph over a different
             number of nodes, or an ``edge_weight`` of the wrong length or device;
             TypeError: wrong dtypes.
-    """
-    from fastcore.graph import Graph
 
+    Examples:
+        >>> import torch
+        >>> from fastcore import Graph, ops
+        >>> g = Graph(torch.tensor([[0, 1, 2], [1, 2, 0]]), num_nodes=3)  # 0->1->2->0
+        >>> x = torch.tensor([[1.0], [10.0], [100.0]])
+        >>> ops.spmm(x, g, dim=0).flatten().tolist()
+        [100.0, 1.0, 10.0]
+        >>> ops.spmm(x, g, torch.tensor([0.5, 0.5, 0.5]), dim=0, residual=True).flatten().tolist()
+        [51.0, 10.5, 105.0]
+    """
     check_dtype(x, FLOAT_DTYPES, "spmm")
     dim = normalize_dim(dim, x.dim(), "spmm")
     if isinstance(graph, torch.Tensor):
@@ -206,20 +236,23 @@ def spmm(
         if edge_weight.device != x.device:
             raise ValueError(f"spmm: edge_weight is on {edge_weight.device} but x is on {x.device}")
         weight = edge_weight[graph.perm]  # CSR order
-    return apply_csr(x, weight, graph.csr(), dim)
+    return apply_csr(x, weight, graph.csr(), dim, residual=bool(residual))
 
 
 def apply_csr(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
-    structure: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    structure: tuple[torch.Tensor, ...],
     dim: int,
+    residual: bool = False,
 ) -> torch.Tensor:
     """Run the ``fastcore::spmm`` operator on the chosen backend for a validated structure
-    ``(ptr, col, t_ptr, t_col, t_edge)`` (a :class:`fastcore.Graph`'s, or a rectangular one
-    such as a :class:`fastcore.Resample`'s) and CSR-ordered ``weight``; ``dim`` normalised."""
+    ``(ptr, col, t_ptr, t_col, t_edge, t_pos)`` (a :class:`fastcore.Graph`'s, or a
+    rectangular one such as a :class:`fastcore.Resample`'s) and CSR-ordered ``weight``;
+    ``dim`` normalised."""
     backend = _backend.resolve("spmm", x.device)
     if backend == "reference":
-        return reference.spmm_csr(x, weight, structure[0], structure[1], dim)
+        _check_layout(x, structure[0], dim, residual)
+        return reference.spmm_csr(x, weight, structure[0], structure[1], dim, residual)
     op = torch.ops.fastcore.spmm_triton if backend == "triton" else torch.ops.fastcore.spmm
-    return op(x, weight, *structure, dim, False)
+    return op(x, weight, *structure, dim, residual, False)

@@ -6,7 +6,7 @@ as the ``reference`` backend.
 
 from fastcore.reference.feature_mlp import feature_mlp
 from fastcore.reference.gather import csr_sum, gather
-from fastcore.reference.linear_norm import linear_norm_residual
+from fastcore.reference.linear_norm_residual import linear_norm_residual
 from fastcore.reference.segment import scatter, scatter_arg, segment, segment_reduce
 from fastcore.reference.spatiotemporal import spatiotemporal_block
 from fastcore.reference.spmm import spmm, spmm_csr

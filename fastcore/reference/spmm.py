@@ -40,11 +40,19 @@ def spmm_csr(
     ptr: torch.Tensor,
     col: torch.Tensor,
     dim: int = -2,
+    residual: bool = False,
 ) -> torch.Tensor:
     """The oracle of the ``fastcore::spmm`` operator: CSR entry k (destination v for
-    ``k in [ptr[v], ptr[v+1])``) adds ``weight[k] * x[..., col[k], ...]`` to row v."""
+    ``k in [ptr[v], ptr[v+1])``) adds ``weight[k] * x[..., col[k], ...]`` to row v; with
+    ``residual`` (a square structure) each row then adds its own ``x[..., v, ...]``, in the
+    accumulation type."""
     ptr = ptr.long()
     destinations = torch.repeat_interleave(
         torch.arange(ptr.numel() - 1, device=ptr.device), ptr.diff(), output_size=col.numel()
     )
-    return spmm(x, torch.stack([col.long(), destinations]), weight, dim, ptr.numel() - 1)
+    edge_index = torch.stack([col.long(), destinations])
+    if not residual:
+        return spmm(x, edge_index, weight, dim, ptr.numel() - 1)
+    acc = _acc_dtype(x.dtype)
+    out = spmm(x.to(acc), edge_index, None if weight is None else weight.to(acc), dim)
+    return (out + x.to(acc)).to(x.dtype)

@@ -82,7 +82,6 @@ class ModelConfig:
     decoder_hidden: int = option(32, "the autoregressive decoder's state width (both archs)")
     teacher_forcing: float = option(0.5, "initial teacher-forcing probability of the decoder")
     teacher_forcing_steps: int = option(300, "forward passes over which it decays to 0")
-    layers: str = option("fastcore", "'fastcore' or 'reference' (the loop layers; benchmarks)")
 
 
 def build_network(data: DataConfig) -> BasinNetwork:
@@ -237,7 +236,6 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
             blocks=mcfg.blocks,
             kernel_size=mcfg.kernel_size,
             q_feature=INPUTS.index("discharge"),
-            layers=mcfg.layers,
             decoder_hidden=mcfg.decoder_hidden,
         )
     elif mcfg.arch == "gru":

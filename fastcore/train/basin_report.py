@@ -32,8 +32,8 @@ import torch
 from fastcore import metrics
 from fastcore.data.basin import BasinWindows, Prepared, climatology
 from fastcore.train import checkpoint as ckpt_io
-from fastcore.train.__main__ import resolve_config
 from fastcore.train.basin import build, forecast_metrics, predict
+from fastcore.train.cli import resolve_config
 from fastcore.train.jobs import JobContext
 
 MODELS = ("hierarchical", "gru")

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fastcore.graph import Graph
 from fastcore.nn import SpatioTemporalBlock
+from fastcore.ops.graph import Graph
 from fastcore.train.config import Config, option
 from fastcore.train.jobs import JobContext, JobParts
 

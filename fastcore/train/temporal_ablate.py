@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from fastcore.train.__main__ import resolve_config, run
+from fastcore.train.cli import resolve_config, run
 
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],

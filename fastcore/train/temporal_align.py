@@ -40,10 +40,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastcore.data.descriptions import TASKS
 from fastcore.data.resources import RESOURCES
 from fastcore.data.temporal_pretrain import (
-    IGNORE_INDEX,
     TemporalBatch,
     TemporalPretrainDataset,
     TokenVocab,
@@ -51,6 +49,11 @@ from fastcore.data.temporal_pretrain import (
 )
 from fastcore.train.config import Config, option
 from fastcore.train.jobs import JobContext, JobParts
+from fastcore.train.temporal_report import (
+    answer_stats,
+    evaluate_alignment,
+    write_report,
+)
 
 log = logging.getLogger("fastcore.train")
 
@@ -350,46 +353,6 @@ def build_lm(
     }
 
 
-def derangement(n: int, seed: int) -> torch.Tensor:
-    """A seeded permutation of ``range(n)`` without fixed points (n >= 2): the shuffled-curve
-    control gives every sample another sample's curve."""
-    if n < 2:
-        raise ValueError(f"a shuffled-curve control needs at least 2 samples, got {n}")
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g)
-    # rotate the cycle of a random order by one: i-th of `perm` gets the (i+1)-th's curve
-    out = torch.empty(n, dtype=torch.long)
-    out[perm] = perm.roll(-1)
-    return out
-
-
-def answer_stats(model: nn.Module, batch: TemporalBatch, shuffle: bool) -> dict[str, torch.Tensor]:
-    """Teacher-forced sums over answer tokens per task: ``nll [3]``, ``correct [3]``,
-    ``count [3]`` (with the batch's curves permuted when ``shuffle``)."""
-    curves, cmask = batch.curves, batch.curve_mask
-    if shuffle:
-        perm = derangement(len(batch), 0).to(curves.device)
-        curves, cmask = curves[perm], cmask[perm]
-    out = model(curves, batch.input_ids, batch.attention_mask, None, curve_mask=cmask)
-    k = out.logits.shape[1] - batch.input_ids.shape[1]
-    logits = out.logits[:, k - 1 : -1].float()  # position k-1+j predicts token j
-    labels = batch.labels
-    valid = labels != IGNORE_INDEX
-    nll = (
-        torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), labels.clamp_min(0), reduction="none"
-        )
-        * valid
-    )
-    correct = (logits.argmax(-1) == labels) & valid
-    onehot = torch.nn.functional.one_hot(batch.task, len(TASKS)).to(nll.dtype)  # (B, 3)
-    return {
-        "nll": onehot.T @ nll.sum(1),
-        "correct": onehot.T @ correct.sum(1).to(nll.dtype),
-        "count": onehot.T @ valid.sum(1).to(nll.dtype),
-    }
-
-
 def build(cfg: Config, ctx: JobContext) -> JobParts:
     from fastcore.models.temporal_llm import TemporalLLMWrapper, llm_hidden_size
     from fastcore.nn.temporal import TemporalEncoder
@@ -485,8 +448,6 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
         return "\n".join(lines)
 
     def finish(trainer) -> None:
-        from fastcore.train.temporal_report import evaluate_alignment, write_report
-
         core = getattr(trainer.model, "module", trainer.model)
         eval_set = TemporalPretrainDataset(
             data.eval_samples,

@@ -36,13 +36,58 @@ from torch import nn
 
 from fastcore.data.descriptions import TASKS
 from fastcore.data.resources import RESOURCES
-from fastcore.data.temporal_pretrain import TemporalPretrainDataset, collate_temporal
+from fastcore.data.temporal_pretrain import (
+    IGNORE_INDEX,
+    TemporalBatch,
+    TemporalPretrainDataset,
+    collate_temporal,
+)
 from fastcore.data.text_facts import classify, score_numbers
 
-__all__ = ["evaluate_alignment", "paired_comparison", "write_report"]
+__all__ = ["answer_stats", "derangement", "evaluate_alignment", "paired_comparison", "write_report"]
 
 CONDITIONS = ("aligned", "shuffled")
 _LABELLED = ("trend", "feasibility")
+
+
+def derangement(n: int, seed: int) -> torch.Tensor:
+    """A seeded permutation of ``range(n)`` without fixed points (n >= 2): the shuffled-curve
+    control gives every sample another sample's curve."""
+    if n < 2:
+        raise ValueError(f"a shuffled-curve control needs at least 2 samples, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    # rotate the cycle of a random order by one: i-th of `perm` gets the (i+1)-th's curve
+    out = torch.empty(n, dtype=torch.long)
+    out[perm] = perm.roll(-1)
+    return out
+
+
+def answer_stats(model: nn.Module, batch: TemporalBatch, shuffle: bool) -> dict[str, torch.Tensor]:
+    """Teacher-forced sums over answer tokens per task: ``nll [3]``, ``correct [3]``,
+    ``count [3]`` (with the batch's curves permuted when ``shuffle``)."""
+    curves, cmask = batch.curves, batch.curve_mask
+    if shuffle:
+        perm = derangement(len(batch), 0).to(curves.device)
+        curves, cmask = curves[perm], cmask[perm]
+    out = model(curves, batch.input_ids, batch.attention_mask, None, curve_mask=cmask)
+    k = out.logits.shape[1] - batch.input_ids.shape[1]
+    logits = out.logits[:, k - 1 : -1].float()  # position k-1+j predicts token j
+    labels = batch.labels
+    valid = labels != IGNORE_INDEX
+    nll = (
+        torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels.clamp_min(0), reduction="none"
+        )
+        * valid
+    )
+    correct = (logits.argmax(-1) == labels) & valid
+    onehot = torch.nn.functional.one_hot(batch.task, len(TASKS)).to(nll.dtype)  # (B, 3)
+    return {
+        "nll": onehot.T @ nll.sum(1),
+        "correct": onehot.T @ correct.sum(1).to(nll.dtype),
+        "count": onehot.T @ valid.sum(1).to(nll.dtype),
+    }
 
 
 def _left_padded_prompts(ids: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +111,6 @@ def evaluate_alignment(
 ) -> dict:
     """Metrics of ``model`` on every item of ``dataset`` under both conditions (see the
     module docstring); ``examples`` holds each item's prompt, truth and generations."""
-    from fastcore.train.temporal_align import answer_stats, derangement
 
     device = torch.device(device)
     n = len(dataset)

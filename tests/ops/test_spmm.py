@@ -155,8 +155,9 @@ def test_opcheck(device):
     w = randn((15,), torch.float32, device, seed=23).requires_grad_()
     grad = randn((3, 7, 4), torch.float32, device, seed=24).requires_grad_()
     for spmm_op, edge_grad_op in operators:
-        torch.library.opcheck(spmm_op, (x, w, *graph.csr(), 1, True))
-        torch.library.opcheck(spmm_op, (x, None, *graph.csr(), 1, False))
+        torch.library.opcheck(spmm_op, (x, w, *graph.csr(), 1, False, True))
+        torch.library.opcheck(spmm_op, (x, None, *graph.csr(), 1, False, False))
+        torch.library.opcheck(spmm_op, (x, w, *graph.csr(), 1, True, False))
         torch.library.opcheck(edge_grad_op, (grad, x, *graph.csr(), 1))
 
 
@@ -190,8 +191,11 @@ def test_graph_layouts():
     assert g.col.tolist() == [1, 3, 0, 3, 2, 0]
     assert g.t_ptr.tolist() == [0, 2, 3, 4, 6, 6]  # out-degrees 2, 1, 1, 2, 0
     assert g.t_col.tolist() == [2, 3, 0, 2, 2, 1]
-    # t_edge maps each by-source entry to its CSR position: same edge on both sides.
+    # t_edge maps each by-source entry to its CSR position: same edge on both sides; t_pos
+    # is its inverse (each CSR entry's by-source position).
     assert torch.equal(g.perm[g.t_edge], torch.tensor([0, 5, 2, 4, 1, 3]))
+    assert torch.equal(g.t_edge[g.t_pos], torch.arange(6))
+    assert g.csr() == (g.ptr, g.col, g.t_ptr, g.t_col, g.t_edge, g.t_pos)
     assert g.normalization("mean").tolist() == pytest.approx([1 / 3, 1 / 3, 1.0, 1.0, 1 / 3, 1.0])
     sym = g.normalization("sym")
     assert sym[0].item() == pytest.approx(1 / (2 * 3) ** 0.5)
@@ -202,28 +206,51 @@ def test_graph_layouts():
 
 
 @pytest.mark.parametrize(("device", "backend"), backend_params("spmm"))
-def test_self_loops_add_the_input(device, backend):
-    g = Graph(
-        random_edges(9, 20, 31, device), 9, edge_attr=randn((20, 2), torch.float64, device, 1)
-    )
-    loops = g.with_self_loops()
-    assert loops is g.with_self_loops()  # computed once
-    assert loops.num_edges == 29 and loops.edge_attr is None
-    assert torch.equal(loops.edge_index[:, :20], g.edge_index)
-    assert torch.equal(loops.edge_index[:, 20:], torch.arange(9, device=device).expand(2, 9))
-    x = randn((3, 9, 4), torch.float64, device, 2).requires_grad_()
-    w = randn((20,), torch.float64, device, 3).requires_grad_()
-    upstream = randn((3, 9, 4), torch.float64, device, 4)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("width", [4, 8])
+def test_residual_adds_the_input(device, backend, dtype, width):
+    """``residual=True`` is ``x + A x`` in one pass, forward and backward, and gives the
+    bits of the graph with a unit self loop appended to every node (the row sums its edges,
+    then itself): the form the spatiotemporal block ran before the argument existed."""
+    if not fastcore.testing.dtype_supported(backend, device, dtype):
+        pytest.skip(f"{backend} has no {dtype} on {device}")
+    edge_index = random_edges(9, 20, 31, device)
+    g = Graph(edge_index, 9)
+    nodes = torch.arange(9, device=device)
+    loops = Graph(torch.cat([edge_index, torch.stack([nodes, nodes])], 1), 9)
+    x = randn((3, 9, width), dtype, device, 2).requires_grad_()
+    w = randn((20,), dtype, device, 3).requires_grad_()
+    upstream = randn((3, 9, width), dtype, device, 4)
     with use_backend(backend):
-        out = ops.spmm(x, loops, torch.cat([w, torch.ones(9, dtype=w.dtype, device=device)]), dim=1)
+        out = ops.spmm(x, g, w, dim=1, residual=True)
+        with_loops = ops.spmm(x, loops, torch.cat([w, torch.ones_like(w[:9])]), dim=1)
         expected = x + ops.spmm(x, g, w, dim=1)
-    assert_close(out, expected, torch.float64, "x + A x")
+        unweighted = ops.spmm(x, g, None, dim=1, residual=True)
+    assert_close(out, expected, dtype, "x + A x")
+    assert_close(unweighted, x + reference.spmm(x, edge_index, None, 1), dtype, "x + A x, w = 1")
+    if backend != "reference":
+        assert torch.equal(out, with_loops), "not the bits of the self-loop graph"
     got = torch.autograd.grad(out, (x, w), upstream)
     want = torch.autograd.grad(expected, (x, w), upstream)
     for name, a, b in zip(("x", "w"), got, want, strict=True):
-        assert_close(a, b, torch.float64, f"grad {name}")
-    moved = g.to(device)
-    assert moved.with_self_loops().num_edges == 29
+        assert_close(a, b, dtype, f"grad {name}")
+    if dtype == torch.float64:
+        with use_backend(backend):
+            torch.autograd.gradcheck(lambda x, w: ops.spmm(x, g, w, dim=1, residual=True), (x, w))
+            torch.autograd.gradgradcheck(
+                lambda x, w: ops.spmm(x, g, w, dim=1, residual=True), (x, w)
+            )
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params("spmm"))
+def test_residual_needs_a_square_structure(device, backend):
+    from fastcore.ops.spmm import apply_csr
+
+    rs = fastcore.Resample.linear(5, 7, device=device)
+    x = randn((2, 5, 3), torch.float32, device, 5)
+    message = "residual needs a square structure, but it has 7 rows for 5"
+    with use_backend(backend), pytest.raises(ValueError, match=message):
+        apply_csr(x, rs.weight.float(), rs.csr(), 1, residual=True)
 
 
 def test_graph_errors():
@@ -270,14 +297,16 @@ def test_spmm_errors(device, backend):
 def test_operators_validate_before_running(device):
     graph = Graph(random_edges(6, 10, 31, device), 6)
     x = randn((2, 6, 3), torch.float32, device, seed=32)
-    ptr, col, t_ptr, t_col, t_edge = graph.csr()
+    ptr, col, t_ptr, t_col, t_edge, t_pos = graph.csr()
     for spmm_op, _ in _operators(device):
         with pytest.raises(IndexError, match="col value 9 is out of range"):
-            spmm_op(x, None, ptr, col.clone().fill_(9), t_ptr, t_col, t_edge, 1, True)
+            spmm_op(x, None, ptr, col.clone().fill_(9), t_ptr, t_col, t_edge, t_pos, 1, False, True)
         with pytest.raises(ValueError, match=r"ptr\[-1\] must equal the size 10"):
-            spmm_op(x, None, ptr.clone().fill_(0), col, t_ptr, t_col, t_edge, 1, True)
+            spmm_op(x, None, ptr.clone().fill_(0), col, t_ptr, t_col, t_edge, t_pos, 1, False, True)
         with pytest.raises(ValueError, match="perm must be a permutation"):
-            spmm_op(x, None, ptr, col, t_ptr, t_col, t_edge.clamp(max=3), 1, True)
+            spmm_op(x, None, ptr, col, t_ptr, t_col, t_edge.clamp(max=3), t_pos, 1, False, True)
+        with pytest.raises(ValueError, match="t_pos must be the inverse permutation of t_edge"):
+            spmm_op(x, None, ptr, col, t_ptr, t_col, t_edge, t_pos.roll(1), 1, False, True)
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ struct Dims {
   int64_t rows, features, hidden;
 };
 
-Dims check_linear_norm(const at::Tensor& h, const at::Tensor& x, const at::Tensor& weight,
+Dims check_linear_norm_residual(const at::Tensor& h, const at::Tensor& x, const at::Tensor& weight,
                        const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& beta,
                        const char* op) {
   TORCH_CHECK_VALUE(h.dim() >= 2, op, ": h must be [..., F, H], got shape ", h.sizes());
@@ -227,11 +227,11 @@ at::Tensor linear_norm_residual_cpu(const at::Tensor& h, const at::Tensor& x,
                                     const at::Tensor& weight, const at::Tensor& bias,
                                     const at::Tensor& gamma, const at::Tensor& beta,
                                     double res_scale, double eps) {
-  const Dims d = check_linear_norm(h, x, weight, bias, gamma, beta, "linear_norm_residual");
+  const Dims d = check_linear_norm_residual(h, x, weight, bias, gamma, beta, "linear_norm_residual");
   auto out = at::empty(h.sizes(), h.options());
   if (out.numel() == 0) return out;
   const auto h_c = h.contiguous(), x_c = x.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "linear_norm", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "linear_norm_residual", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto W = to_acc<acc_t, scalar_t>(weight), B = to_acc<acc_t, scalar_t>(bias);
     const auto G = to_acc<acc_t, scalar_t>(gamma), Be = to_acc<acc_t, scalar_t>(beta);
@@ -254,7 +254,7 @@ linear_norm_residual_backward_cpu(const at::Tensor& grad, const at::Tensor& h,
                                   const at::Tensor& weight, const at::Tensor& bias,
                                   const at::Tensor& gamma, double res_scale, double eps) {
   constexpr const char* op = "linear_norm_residual_backward";
-  const Dims d = check_linear_norm(h, grad, weight, bias, gamma, gamma, op);
+  const Dims d = check_linear_norm_residual(h, grad, weight, bias, gamma, gamma, op);
   const int64_t F = d.features, H = d.hidden;
   auto dh = at::empty(h.sizes(), h.options());
   auto dW = at::zeros({F, H, H}, h.options());
