@@ -371,6 +371,18 @@ def negative_binomial_nll(
 
     ``mu`` and ``theta`` are clamped below at ``eps`` before the log (zero gradient below
     it), so mu = 0 gives the finite NLL of mu = eps instead of ``0 * log 0 = NaN``.
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import losses
+        >>> y, mu = torch.tensor([0.0, 3.0, 10.0]), torch.tensor([1.0, 3.0, 8.0])
+        >>> [round(v, 4) for v in losses.negative_binomial_nll(y, mu, 2.0, reduction="none").tolist()]
+        [0.8109, 1.9788, 3.0524]
+        >>> poisson = -torch.distributions.Poisson(mu).log_prob(y)  # the theta -> inf limit
+        >>> torch.allclose(losses.negative_binomial_nll(y, mu, 1e12, reduction="none"), poisson)
+        True
+        >>> bool(losses.negative_binomial_nll(torch.zeros(1), torch.zeros(1), 1.0).isfinite())
+        True
     """
     fn = "negative_binomial_nll"
     _check_tensor(fn, "y", y)
@@ -471,6 +483,16 @@ def gaussian_kl(
 
     The clamp is part of the API: it keeps exp finite (logvar = 1000 would overflow) and its
     gradient w.r.t. logvar is zero outside [logvar_min, logvar_max].
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import losses
+        >>> losses.gaussian_kl(torch.zeros(2, 3), torch.zeros(2, 3)).item()  # q = N(0, 1)
+        0.0
+        >>> losses.gaussian_kl(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]])).item()
+        0.5
+        >>> bool(losses.gaussian_kl(torch.zeros(1, 2), torch.full((1, 2), 1000.0)).isfinite())
+        True
     """
     fn = "gaussian_kl"
     _check_tensor(fn, "mu", mu)
@@ -558,6 +580,13 @@ def kl_beta(
 
     ``warmup_steps = 0`` gives beta_max from ``start`` on. ``cycles`` and ``ratio`` are only
     used by ``"cyclical"`` (but always validated).
+
+    Examples:
+        >>> from fastcore import losses
+        >>> [losses.kl_beta(step, warmup_steps=4) for step in range(6)]
+        [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+        >>> [losses.kl_beta(step, 8, schedule="cyclical", cycles=2) for step in range(9)]
+        [0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0, 1.0, 1.0]
     """
     fn = "kl_beta"
     step = _check_count(fn, "step", step, 0)
@@ -628,6 +657,16 @@ def safe_standardize(
     * ``+-inf`` entries are not treated as missing: they make their slice's statistics
       non-finite.
     * A given ``std`` is also clamped below at ``min_std``.
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import losses
+        >>> x = torch.tensor([[1.0, 2.0, float("nan"), 3.0], [5.0, 5.0, 5.0, 5.0]])
+        >>> z, mean, std = losses.safe_standardize(x, dim=1)
+        >>> [[round(v, 4) for v in row] for row in z.tolist()]  # NaN stays missing
+        [[-1.2247, 0.0, nan, 1.2247], [0.0, 0.0, 0.0, 0.0]]
+        >>> mean.flatten().tolist(), round(std[1].item(), 9)  # a constant row: std clamped, z = 0
+        ([2.0, 5.0], 1e-06)
     """
     fn = "safe_standardize"
     _check_tensor(fn, "x", x)
@@ -748,6 +787,22 @@ def masked_mse(
     positions before the subtraction, so NaN/inf there reach neither the loss nor the
     gradient. No valid element: ``"mean"`` gives 0 with a zero (not NaN) gradient. NaN in
     ``pred`` at a valid position is not hidden: it makes the loss NaN.
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import losses
+        >>> pred = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+        >>> target = torch.tensor([1.5, float("nan"), 2.0])  # the NaN target is missing
+        >>> loss = losses.masked_mse(pred, target)
+        >>> loss.item()  # (0.25 + 1.0) / 2
+        0.625
+        >>> loss.backward()
+        >>> pred.grad.tolist()  # no NaN leaks into the gradient
+        [-0.5, 0.0, 1.0]
+        >>> losses.masked_mse(pred, target, mask=torch.tensor([False, True, True])).item()
+        1.0
+        >>> losses.masked_mse(pred, torch.full((3,), float("nan"))).item()  # nothing valid
+        0.0
     """
     return _masked_regression("masked_mse", pred, target, mask, reduction, squared=True)
 

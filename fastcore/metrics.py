@@ -65,7 +65,19 @@ def per_basin(
     time_dim: int = -2,
 ) -> dict[str, torch.Tensor]:
     """Each metric of :data:`METRICS` per basin (``[N]`` float64) plus ``count`` (valid
-    entries per basin)."""
+    entries per basin).
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import metrics
+        >>> obs = torch.tensor([[1.0, 2.0], [2.0, 2.0], [3.0, float("nan")], [4.0, 2.0]])  # (T, N)
+        >>> pred = torch.tensor([[1.1, 1.0], [1.9, 3.0], [3.2, 0.0], [3.8, 2.0]])
+        >>> scores = metrics.per_basin(pred, obs)
+        >>> scores["count"].tolist()  # basin 1's NaN observation is left out
+        [4.0, 3.0]
+        >>> [round(v, 4) for v in scores["rmse"].tolist()]
+        [0.1581, 0.8165]
+    """
     p, o, valid = _prepare(pred, obs, mask, time_dim)
     w = valid.double()
     count = w.sum(0)
@@ -112,7 +124,17 @@ def evaluate(
     time_dim: int = -2,
 ) -> dict[str, float]:
     """The aggregated metrics of :func:`per_basin` (see :func:`summarize`) plus the
-    number of valid and missing entries."""
+    number of valid and missing entries.
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import metrics
+        >>> obs = torch.tensor([[1.0, 2.0], [2.0, 2.0], [3.0, float("nan")], [4.0, 2.0]])
+        >>> pred = torch.tensor([[1.1, 1.0], [1.9, 3.0], [3.2, 0.0], [3.8, 2.0]])
+        >>> out = metrics.evaluate(pred, obs)
+        >>> round(out["nse_median"], 4), out["nse_basins"], out["valid"], out["missing"]
+        (0.98, 1, 7, 1)
+    """
     basins = per_basin(pred, obs, mask, time_dim)
     out = summarize(basins)
     out["valid"] = int(basins["count"].sum())
@@ -131,7 +153,16 @@ def mae(pred, obs, mask=None, time_dim=-2) -> torch.Tensor:
 
 
 def nse(pred, obs, mask=None, time_dim=-2) -> torch.Tensor:
-    """Nash-Sutcliffe efficiency per basin ``[N]``."""
+    """Nash-Sutcliffe efficiency per basin ``[N]``.
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import metrics
+        >>> obs = torch.tensor([[1.0, 2.0], [2.0, 2.0], [3.0, 2.0], [4.0, 2.0]])  # (T, N)
+        >>> pred = torch.tensor([[1.1, 1.0], [1.9, 3.0], [3.2, 0.0], [3.8, 2.0]])
+        >>> [round(v, 4) for v in metrics.nse(pred, obs).tolist()]  # basin 1 is constant
+        [0.98, nan]
+    """
     return per_basin(pred, obs, mask, time_dim)["nse"]
 
 
@@ -141,5 +172,15 @@ def r2(pred, obs, mask=None, time_dim=-2) -> torch.Tensor:
 
 
 def kge(pred, obs, mask=None, time_dim=-2) -> torch.Tensor:
-    """Kling-Gupta efficiency (Gupta et al. 2009) per basin ``[N]``."""
+    """Kling-Gupta efficiency (Gupta et al. 2009) per basin ``[N]``.
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import metrics
+        >>> obs = torch.tensor([[1.0], [2.0], [3.0], [4.0]])  # (T, N=1)
+        >>> metrics.kge(obs, obs).tolist()  # a perfect forecast
+        [1.0]
+        >>> [round(v, 4) for v in metrics.kge(obs * 0.5, obs).tolist()]  # r = 1, alpha = beta = 0.5
+        [0.2929]
+    """
     return per_basin(pred, obs, mask, time_dim)["kge"]

@@ -49,6 +49,19 @@ class GraphPooling(nn.Module):
 
     Shape:
         ``x [*lead, N_level, *trail]`` -> ``[*lead, N_{level+1}, *trail]``.
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import Hierarchy
+        >>> from fastcore.nn import GraphPooling
+        >>> h = Hierarchy([4, 2], parent_index=[[0, 0, 1, 1]], level_names=["fine", "coarse"])
+        >>> x = torch.tensor([[1.0], [2.0], [3.0], [5.0]])  # (N_fine=4, H=1)
+        >>> GraphPooling("mean")(x, h, "fine").flatten().tolist()
+        [1.5, 4.0]
+        >>> GraphPooling("max")(x, h, 0).flatten().tolist()
+        [2.0, 5.0]
+        >>> GraphPooling("sum")(torch.randn(2, 3, 4, 5, 8), h, "fine").shape  # (B, T, N, F, H)
+        torch.Size([2, 3, 2, 5, 8])
     """
 
     def __init__(self, reduce: str = "mean", dim: int | None = None) -> None:
@@ -85,6 +98,18 @@ class GraphUnpooling(nn.Module):
     Shape:
         ``x [*lead, N_{level+1}, *trail]`` -> ``[*lead, N_level, *trail]``; ``skip``, when
         given, has the output's shape and is added (a skip connection).
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import Hierarchy
+        >>> from fastcore.nn import GraphUnpooling
+        >>> h = Hierarchy([4, 2], parent_index=[[0, 0, 1, 1]], level_names=["fine", "coarse"])
+        >>> parents = torch.tensor([[1.5], [4.0]])  # (N_coarse=2, H=1)
+        >>> GraphUnpooling()(parents, h, "fine").flatten().tolist()
+        [1.5, 1.5, 4.0, 4.0]
+        >>> skip = torch.tensor([[1.0], [2.0], [3.0], [5.0]])
+        >>> GraphUnpooling()(parents, h, "fine", skip=skip).flatten().tolist()
+        [2.5, 3.5, 7.0, 9.0]
     """
 
     def __init__(self, dim: int | None = None) -> None:

@@ -32,7 +32,18 @@ def masked_segment_pool(
     """``h (B, T, D)``, ``mask (B, T)`` -> ``(B, segments, 2 D)``: per sample, its valid steps
     split into ``segments`` equal spans (by position within the valid length), each reduced
     to ``[mean, max]`` (``pooling="mean"`` or ``"max"``: that one alone, ``(B, segments,
-    D)``). A span with no valid step (a sequence shorter than ``segments``) gets zeros."""
+    D)``). A span with no valid step (a sequence shorter than ``segments``) gets zeros.
+
+    Examples:
+        >>> import torch
+        >>> from fastcore.nn.temporal import masked_segment_pool
+        >>> h = torch.arange(6.0).view(1, 6, 1)  # (B=1, T=6, D=1)
+        >>> mask = torch.tensor([[True, True, True, True, False, False]])  # 4 valid steps
+        >>> masked_segment_pool(h, mask, segments=2).tolist()  # [mean, max] of steps 0-1, 2-3
+        [[[0.5, 1.0], [2.5, 3.0]]]
+        >>> masked_segment_pool(h, mask, segments=2, pooling="mean").tolist()
+        [[[0.5], [2.5]]]
+    """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     batch, steps = h.shape[:2]
@@ -56,7 +67,14 @@ def variable_onehot(
     batch: int, channels: int, segments: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """``(batch, channels * segments, channels)``: the one-hot of the variable of each token
-    in the variable-major ``tokens="channel"`` layout (variable c owns tokens c k .. c k + k - 1)."""
+    in the variable-major ``tokens="channel"`` layout (variable c owns tokens c k .. c k + k - 1).
+
+    Examples:
+        >>> import torch
+        >>> from fastcore.nn.temporal import variable_onehot
+        >>> variable_onehot(1, 2, 2, torch.float32, torch.device("cpu")).tolist()
+        [[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]]
+    """
     which = torch.arange(channels, device=device).repeat_interleave(segments)
     return F.one_hot(which, channels).to(dtype).expand(batch, -1, -1)
 
@@ -76,6 +94,18 @@ class TemporalEncoder(nn.Module):
         scale: optional ``[C]`` divisors applied to the input (e.g. each resource's bound).
         tokens: ``"time"`` (``k`` tokens over all variables) or ``"channel"`` (``k`` tokens
             per variable, ``C k`` in all); see the module docstring.
+
+    Examples:
+        >>> import torch
+        >>> from fastcore.nn import TemporalEncoder
+        >>> curves = torch.rand(3, 50, 4)  # (B, T, C): 4 resources, 50 steps
+        >>> mask = torch.ones(3, 50, dtype=torch.bool)
+        >>> mask[1, 30:] = False  # the second curve has 30 steps
+        >>> TemporalEncoder(channels=4, d_model=16, prefix_tokens=2)(curves, mask).shape
+        torch.Size([3, 2, 16])
+        >>> encoder = TemporalEncoder(4, 16, prefix_tokens=2, tokens="channel")
+        >>> encoder(curves, mask).shape, encoder.prefix_tokens  # 2 tokens per resource
+        (torch.Size([3, 8, 16]), 8)
     """
 
     def __init__(

@@ -158,6 +158,21 @@ def gather(
         IndexError: an index value is negative or ``>= N`` (the value is named), before
             any kernel runs; or ``dim`` is out of range.
         TypeError / ValueError: wrong dtype, a non-1-D index, or mismatched devices.
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import ops
+        >>> src = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], requires_grad=True)
+        >>> out = ops.gather(src, torch.tensor([2, 0, 2]), dim=0)
+        >>> out.tolist()
+        [[5.0, 6.0], [1.0, 2.0], [5.0, 6.0]]
+        >>> out.sum().backward()  # the scatter-sum: row 2 was read twice
+        >>> src.grad.tolist()
+        [[1.0, 1.0], [0.0, 0.0], [2.0, 2.0]]
+        >>> ops.gather(src, torch.tensor([0, 3]), dim=0)
+        Traceback (most recent call last):
+            ...
+        IndexError: gather: index value 3 is out of range for dimension 0 of size 3
     """
     check_dtype(src, GATHER_DTYPES, "gather")
     dim = normalize_dim(dim, src.dim(), "gather")
@@ -192,6 +207,14 @@ def gather_add(
     Returns:
         ``[*lead, M, *trail]``. Gradients: ``base`` gets the output gradient, ``src`` its
         deterministic scatter-sum (as for :func:`gather`).
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import ops
+        >>> parents = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> skip = torch.tensor([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]])
+        >>> ops.gather_add(parents, torch.tensor([0, 0, 1]), skip, dim=0).tolist()
+        [[11.0, 12.0], [21.0, 22.0], [33.0, 34.0]]
     """
     check_dtype(src, FLOAT_DTYPES, "gather_add")
     dim = normalize_dim(dim, src.dim(), "gather_add")

@@ -178,6 +178,14 @@ def segment_csr(
 
     Returns:
         ``[*lead, S, *trail]``; an empty segment gives 0.
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import ops
+        >>> src = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+        >>> perm, ptr = ops.index_csr(torch.tensor([0, 1, 0, 2]), 4)  # rows grouped by value
+        >>> ops.segment_csr(src, perm, ptr, dim=0, reduce="max", check=False).flatten().tolist()
+        [3.0, 2.0, 4.0, 0.0]
     """
     check_dtype(src, FLOAT_DTYPES, "segment")
     _check_reduce(reduce, "segment")
@@ -210,6 +218,20 @@ def segment(
     Raises:
         ValueError: a bad ``ptr`` (``ptr[0] != 0``, decreasing, ``ptr[-1] != M``, named with
             its values) or ``reduce``; TypeError: a wrong dtype; IndexError: a bad ``dim``.
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import ops
+        >>> src = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+        >>> ptr = torch.tensor([0, 2, 2, 4])  # rows 0-1, nothing, rows 2-3
+        >>> ops.segment(src, ptr, dim=0).flatten().tolist()
+        [3.0, 0.0, 7.0]
+        >>> ops.segment(src, ptr, dim=0, reduce="max").flatten().tolist()
+        [2.0, 0.0, 4.0]
+        >>> ops.segment(src, torch.tensor([0, 2, 3]), dim=0)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: ...ptr[-1] must equal the size 4 of dimension 0, got 3
     """
     return segment_csr(src, None, ptr, dim, reduce, check=check)
 
@@ -248,6 +270,22 @@ def scatter(
     Raises:
         IndexError: an index value is negative or ``>= dim_size`` (the value is named);
         ValueError: a bad ``reduce``, ``dim_size`` or index shape; TypeError: wrong dtypes.
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import ops
+        >>> src = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+        >>> index = torch.tensor([0, 1, 0, 2])  # rows 0 and 2 share slot 0; slot 3 gets none
+        >>> ops.scatter(src, index, dim=0, dim_size=4).flatten().tolist()
+        [4.0, 2.0, 4.0, 0.0]
+        >>> ops.scatter(src, index, dim=0, dim_size=4, reduce="mean").flatten().tolist()
+        [2.0, 2.0, 4.0, 0.0]
+        >>> ops.scatter(src, index, dim=0, dim_size=4, reduce="min").flatten().tolist()
+        [1.0, 2.0, 4.0, 0.0]
+        >>> ops.scatter(src, torch.tensor([0, 1, 0, 5]), dim=0, dim_size=4)
+        Traceback (most recent call last):
+            ...
+        IndexError: scatter: index value 5 is out of range for dimension 0 of size 4
     """
     check_dtype(src, FLOAT_DTYPES, "scatter")
     _check_reduce(reduce, "scatter")
