@@ -10,7 +10,7 @@ import torch
 from fastcore import Resample
 from fastcore.nn import KVProjector, MultiTeacherKVProjector
 from fastcore.nn.kv import cache_pairs, kv_geometry, overlap_head_mix, uniform_layer_map
-from fastcore.reference.kv import distill_group_loss, kv_project_group
+from fastcore.reference.kv_project import distill_group_loss, kv_project_group
 
 F64 = torch.float64
 

@@ -27,9 +27,8 @@ import torch
 from torch import nn
 
 from fastcore.ops import kv_distill_loss, kv_project
-from fastcore.ops.kv import LOSSES
-from fastcore.reference.kv import distill_group_loss
-from fastcore.resample import Resample
+from fastcore.ops.kv_project import LOSSES, distill_group_loss
+from fastcore.ops.resample import Resample
 
 KVPairs = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -584,7 +583,8 @@ class MultiTeacherKVProjector(nn.Module):
                 f"MultiTeacherKVProjector: the fusion is conditioned on {self.num_tasks} tasks; "
                 "pass task= (an int or a [B] tensor of task ids)"
             )
-        ids = torch.as_tensor(task, dtype=torch.long, device=self.task_embedding.weight.device)
+        # Checked where the ids are (an int or CPU ids: no device sync), then moved.
+        ids = torch.as_tensor(task, dtype=torch.long)
         if ids.dim() > 1:
             raise ValueError(
                 f"MultiTeacherKVProjector: task must be an int or a [B] tensor, got shape "
@@ -597,7 +597,7 @@ class MultiTeacherKVProjector(nn.Module):
                     f"MultiTeacherKVProjector: task id {lo if lo < 0 else hi} is out of range "
                     f"for {self.num_tasks} tasks"
                 )
-        logits = self.task_embedding(ids)
+        logits = self.task_embedding(ids.to(self.task_embedding.weight.device))
         logits = logits.unflatten(-1, (self.num_teachers, 2 * self.student_layers))
         return logits.softmax(-2)
 

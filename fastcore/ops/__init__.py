@@ -5,7 +5,7 @@ from fastcore.ops._csr import index_csr
 from fastcore.ops.feature_mlp import feature_mlp
 from fastcore.ops.gather import gather, gather_add
 from fastcore.ops.graph import Graph
-from fastcore.ops.kv import kv_distill_loss, kv_project
+from fastcore.ops.kv_project import kv_distill_loss, kv_project
 from fastcore.ops.linear_norm_residual import linear_norm_residual
 from fastcore.ops.resample import Resample, build_safe_linear_indices, safe_time_resample
 from fastcore.ops.segment import scatter, segment, segment_csr

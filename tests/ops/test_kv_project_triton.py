@@ -1,5 +1,5 @@
 """The Triton kv_project kernels (fastcore.kernels.kv_project: forward, both backward
-modes, the fused distillation loss) against fastcore.reference.kv computed in float64,
+modes, the fused distillation loss) against fastcore.reference.kv_project in float64,
 with reference gradients from torch.autograd. Without a GPU they run under the Triton
 interpreter (tests/conftest.py sets TRITON_INTERPRET=1), float32 and float64 only."""
 
@@ -15,7 +15,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 from fastcore.kernels import kv_project as kernels
 
 from fastcore import Resample
-from fastcore.reference import kv as reference
+from fastcore.reference import kv_project as reference
 from fastcore.testing import TOLERANCE, dtype_supported, randn, rel_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,8 +110,6 @@ def run_bwd(grad_out, rs, kv, head_mix, dim_proj, bias, need_kv, **distill):
         rs.t_ptr,
         rs.t_col,
         rs.t_edge,
-        rs.t_max_row,
-        rs.max_row,
         need_kv,
         **distill,
     )
@@ -119,9 +117,7 @@ def run_bwd(grad_out, rs, kv, head_mix, dim_proj, bias, need_kv, **distill):
 
 def check_project(case, layout, with_bias, dtype, param_dtype=None):
     rs, kv, head_mix, dim_proj, bias = make_inputs(case, layout, with_bias, dtype, param_dtype)
-    out = kernels.kv_project_fwd(
-        kv, head_mix, dim_proj, bias, rs.ptr, rs.idx, rs.weight, rs.max_row
-    )
+    out = kernels.kv_project_fwd(kv, head_mix, dim_proj, bias, rs.ptr, rs.idx, rs.weight)
     kv64, params64 = leaves64(kv, head_mix, dim_proj, bias)
     bias64 = params64[2] if with_bias else None
     ref = reference.kv_project(kv64, params64[0], params64[1], bias64, rs.ptr, rs.idx, rs.weight)
@@ -205,7 +201,7 @@ def test_too_many_teacher_chunks(monkeypatch):
     monkeypatch.setattr(kernels, "MAX_K_CHUNKS", 3)
     rs, kv, head_mix, dim_proj, bias = make_inputs("wide", "shared", True, torch.float32)
     with pytest.raises(NotImplementedError, match="chunks"):
-        kernels.kv_project_fwd(kv, head_mix, dim_proj, bias, rs.ptr, rs.idx, rs.weight, 2)
+        kernels.kv_project_fwd(kv, head_mix, dim_proj, bias, rs.ptr, rs.idx, rs.weight)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -229,8 +225,8 @@ def check_distill(case, layout, with_bias, loss, dtype, student_rows_zero=False)
     if student_rows_zero and rs.num_dst:
         for s in student:
             s[:, 0, 1] = 0  # a zero student row: its norm is clamped
-    losses = kernels.kv_distill_fwd(
-        kv, student, head_mix, dim_proj, bias, rs.ptr, rs.idx, rs.weight, rs.max_row, loss
+    losses = kernels.kv_distill_loss_fwd(
+        kv, student, head_mix, dim_proj, bias, rs.ptr, rs.idx, rs.weight, loss
     )
     kv64, params64 = leaves64(kv, head_mix, dim_proj, bias)
     st64 = [s.detach().double().requires_grad_() for s in student]
@@ -310,3 +306,25 @@ def test_deterministic(monkeypatch, layout, mode):
 def flatten(results):
     """The tensors of a kv_project_bwd result, lists opened."""
     return [t for x in results if x is not None for t in (x if isinstance(x, list) else [x])]
+
+
+def test_non_contiguous_kv_and_student():
+    """kv and student caches that are views (e.g. [B, T, H, D] transposed, as attention
+    layouts give): the launchers read them as contiguous [B, H, T, D] groups."""
+    rs, kv, head_mix, dim_proj, bias = make_inputs("odd", "shared", True, torch.float32)
+    kv_t = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in kv]
+    assert not kv_t[0].is_contiguous()
+    args = (head_mix, dim_proj, bias, rs.ptr, rs.idx, rs.weight)
+    want = kernels.kv_project_fwd(kv, *args)
+    assert torch.equal(kernels.kv_project_fwd(kv_t, *args), want)
+    student = [randn(want.shape[1:], torch.float32, DEVICE, seed=30 + g) for g in range(2)]
+    student_t = [s.transpose(1, 2).contiguous().transpose(1, 2) for s in student]
+    assert torch.equal(
+        kernels.kv_distill_loss_fwd(kv_t, student_t, *args, "cosine"),
+        kernels.kv_distill_loss_fwd(kv, student, *args, "cosine"),
+    )
+    distill = dict(loss_grad=torch.ones(2, device=DEVICE), loss="mse")
+    got = run_bwd(None, rs, kv_t, head_mix, dim_proj, bias, True, student=student_t, **distill)
+    ref = run_bwd(None, rs, kv, head_mix, dim_proj, bias, True, student=student, **distill)
+    for a, b in zip(flatten(got), flatten(ref), strict=True):
+        assert torch.equal(a, b)

@@ -27,7 +27,7 @@ import torch
 
 import fastcore
 from fastcore import Resample, ops
-from fastcore.reference import kv as reference
+from fastcore.reference import kv_project as reference
 from fastcore.testing import backends_for
 
 CUDA = torch.cuda.is_available()

@@ -24,7 +24,8 @@ import torch
 
 from fastcore import _backend
 from fastcore.ops._checks import FLOAT_DTYPES
-from fastcore.reference import kv as reference
+from fastcore.ops.resample import Resample
+from fastcore.reference import kv_project as reference
 
 _backend.register_op("kv_project", ("reference", "cpu", "triton"), gpu_order=("triton",))
 _backend.register_op("kv_distill_loss", ("reference", "cpu", "triton"), gpu_order=("triton",))
@@ -32,8 +33,7 @@ _backend.register_op("kv_distill_loss", ("reference", "cpu", "triton"), gpu_orde
 LOSSES = ("mse", "cosine")
 
 
-# --- the Triton family: the same contract as the C++ schemas, plus the longest row of
-# --- each resampling layout (known on the host, so the kernels never read it back).
+# --- the Triton family: the same contract as the C++ schemas (csrc/fastcore.cpp).
 
 
 @torch.library.custom_op("fastcore::kv_project_triton", mutates_args=())
@@ -48,12 +48,10 @@ def _kv_project_triton(
     t_ptr: torch.Tensor,
     t_col: torch.Tensor,
     t_edge: torch.Tensor,
-    max_row: int,
-    t_max_row: int,
 ) -> torch.Tensor:
     from fastcore.kernels import kv_project as kernels
 
-    return kernels.kv_project_fwd(kv, head_mix, dim_proj, bias, ptr, idx, weight, max_row)
+    return kernels.kv_project_fwd(kv, head_mix, dim_proj, bias, ptr, idx, weight)
 
 
 @torch.library.custom_op("fastcore::kv_distill_loss_triton", mutates_args=())
@@ -70,13 +68,11 @@ def _kv_distill_loss_triton(
     t_col: torch.Tensor,
     t_edge: torch.Tensor,
     loss: str,
-    max_row: int,
-    t_max_row: int,
 ) -> torch.Tensor:
     from fastcore.kernels import kv_project as kernels
 
-    return kernels.kv_distill_fwd(
-        kv, student, head_mix, dim_proj, bias, ptr, idx, weight, max_row, loss
+    return kernels.kv_distill_loss_fwd(
+        kv, student, head_mix, dim_proj, bias, ptr, idx, weight, loss
     )
 
 
@@ -97,14 +93,11 @@ def _kv_project_backward_triton(
     loss_grad: Optional[torch.Tensor],
     loss: str,
     need_kv: bool,
-    max_row: int,
-    t_max_row: int,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     from fastcore.kernels import kv_project as kernels
 
     grad_kv, grad_mix, grad_proj, grad_bias, grad_student = kernels.kv_project_bwd(
-        grad_out, kv, head_mix, dim_proj, bias, ptr, idx, weight, t_ptr, t_col, t_edge,
-        t_max_row, max_row, need_kv,
+        grad_out, kv, head_mix, dim_proj, bias, ptr, idx, weight, t_ptr, t_col, t_edge, need_kv,
         student=student if loss else None, loss_grad=loss_grad, loss=loss,
     )  # fmt: skip
     if grad_bias is None:
@@ -116,7 +109,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _project_fake(kv, head_mix, dim_proj, bias, ptr, idx, weight, t_ptr, t_col, t_edge, *extra):
+def _project_fake(kv, head_mix, dim_proj, bias, ptr, idx, weight, t_ptr, t_col, t_edge):
     b, _, _, _ = kv[0].shape
     return kv[0].new_empty((len(kv), b, head_mix.shape[1], ptr.shape[0] - 1, dim_proj.shape[-1]))
 
@@ -127,7 +120,7 @@ def _loss_fake(kv, student, head_mix, *rest):
 
 def _backward_fake(
     grad_out, kv, head_mix, dim_proj, bias, ptr, idx, weight, t_ptr, t_col, t_edge,
-    student, loss_grad, loss, need_kv, *extra,
+    student, loss_grad, loss, need_kv,
 ):  # fmt: skip
     acc = _acc(kv[0].dtype)
     grad_kv = [torch.empty_like(t) for t in kv] if need_kv else []
@@ -146,9 +139,8 @@ def _backward_fake(
     )
 
 
-def _register_family(project: str, loss: str, backward: str, extra: int) -> None:
-    """Fake kernels and autograd for one backend's three operators. ``extra``: the number
-    of trailing host ints (the Triton family's longest rows)."""
+def _register_family(project: str, loss: str, backward: str) -> None:
+    """Fake kernels and autograd for one backend's three operators."""
     project_op = getattr(torch.ops.fastcore, project).default
     loss_op = getattr(torch.ops.fastcore, loss).default
     backward_op = getattr(torch.ops.fastcore, backward).default
@@ -164,17 +156,15 @@ def _register_family(project: str, loss: str, backward: str, extra: int) -> None
         ctx.groups = len(kv)
         ctx.has_bias = bias is not None
         ctx.structure_len = len(structure)
-        ctx.host = structure[6:]
-        ctx.save_for_backward(*kv, head_mix, dim_proj, bias, *structure[:6])
+        ctx.save_for_backward(*kv, head_mix, dim_proj, bias, *structure)
 
     def project_backward(ctx, grad_out):
         saved = ctx.saved_tensors
         kv, (head_mix, dim_proj, bias, *structure) = list(saved[: ctx.groups]), saved[ctx.groups :]
         need_kv = any(ctx.needs_input_grad[0])
         grad_kv, g_mix, g_proj, g_bias, _ = backward_op(
-            grad_out.contiguous(), kv, head_mix, dim_proj, bias, *structure, [], None, "",
-            need_kv, *ctx.host,
-        )  # fmt: skip
+            grad_out.contiguous(), kv, head_mix, dim_proj, bias, *structure, [], None, "", need_kv
+        )
         return (
             grad_kv if need_kv else [None] * ctx.groups,
             cast(g_mix, head_mix),
@@ -184,11 +174,10 @@ def _register_family(project: str, loss: str, backward: str, extra: int) -> None
         )
 
     def loss_setup(ctx, inputs, output):
-        kv, student, head_mix, dim_proj, bias, *rest = inputs
-        structure, name, host = rest[:6], rest[6], rest[7:]
+        kv, student, head_mix, dim_proj, bias, *structure, name = inputs
         ctx.groups = len(kv)
         ctx.has_bias = bias is not None
-        ctx.loss, ctx.host, ctx.rest_len = name, host, len(rest)
+        ctx.loss, ctx.rest_len = name, len(structure) + 1
         ctx.save_for_backward(*kv, *student, head_mix, dim_proj, bias, *structure)
 
     def loss_backward(ctx, loss_grad):
@@ -199,7 +188,7 @@ def _register_family(project: str, loss: str, backward: str, extra: int) -> None
         need_kv = any(ctx.needs_input_grad[0])
         grad_kv, g_mix, g_proj, g_bias, g_student = backward_op(
             None, kv, head_mix, dim_proj, bias, *structure, student, loss_grad.contiguous(),
-            ctx.loss, need_kv, *ctx.host,
+            ctx.loss, need_kv,
         )  # fmt: skip
         return (
             grad_kv if need_kv else [None] * ctx.groups,
@@ -222,12 +211,11 @@ def _register_family(project: str, loss: str, backward: str, extra: int) -> None
     torch.library.register_autograd(project_op, project_backward, setup_context=project_setup)
     torch.library.register_autograd(loss_op, loss_backward, setup_context=loss_setup)
     torch.library.register_autograd(backward_op, no_double_backward, setup_context=backward_setup)
-    del extra
 
 
-_register_family("kv_project_triton", "kv_distill_loss_triton", "kv_project_backward_triton", 2)
+_register_family("kv_project_triton", "kv_distill_loss_triton", "kv_project_backward_triton")
 if _backend._C is not None:
-    _register_family("kv_project", "kv_distill_loss", "kv_project_backward", 0)
+    _register_family("kv_project", "kv_distill_loss", "kv_project_backward")
 
 
 # --- argument handling shared by both public functions
@@ -334,9 +322,8 @@ def _parameters(head_mix, dim_proj, bias, kv0: torch.Tensor, grouped: bool, op: 
 
 
 def _structure(resample, steps: int, device: torch.device, acc: torch.dtype, op: str):
-    """The resampling rows (and transposes, longest rows) of ``resample``, or the identity."""
-    from fastcore.resample import Resample
-
+    """The resampling rows (and their transpose) of ``resample``, or the identity: the
+    structure arguments of the operators. Host metadata only, no device sync."""
     if resample is None:
         resample = Resample.identity(steps, device)
     elif not isinstance(resample, Resample):
@@ -352,7 +339,7 @@ def _structure(resample, steps: int, device: torch.device, acc: torch.dtype, op:
         raise ValueError(
             f"{op}: the Resample is on {resample.ptr.device} but kv is on {device}; use resample.to(device)"
         )
-    tensors = (
+    return (
         resample.ptr,
         resample.idx,
         resample.weight.to(acc),  # float64 in the Resample; the kernels' accumulation type
@@ -360,7 +347,6 @@ def _structure(resample, steps: int, device: torch.device, acc: torch.dtype, op:
         resample.t_col,
         resample.t_edge,
     )
-    return tensors, (resample.max_row, resample.t_max_row)
 
 
 def _prepare(kv, head_mix, dim_proj, resample, bias, op: str):
@@ -372,8 +358,8 @@ def _prepare(kv, head_mix, dim_proj, resample, bias, op: str):
     groups, lead = _groups(kv, head_mix.shape[0] if grouped else None, op)
     head_mix, dim_proj, bias = _parameters(head_mix, dim_proj, bias, groups[0], grouped, op)
     kv0 = groups[0]
-    structure, host = _structure(resample, kv0.shape[2], kv0.device, _acc(kv0.dtype), op)
-    return groups, lead, grouped, head_mix, dim_proj, bias, structure, host
+    structure = _structure(resample, kv0.shape[2], kv0.device, _acc(kv0.dtype), op)
+    return groups, lead, grouped, head_mix, dim_proj, bias, structure
 
 
 def kv_project(
@@ -408,16 +394,14 @@ def kv_project(
             differ, a Resample over another length; TypeError: non-float tensors.
     """
     op = "kv_project"
-    groups, lead, grouped, head_mix, dim_proj, bias, structure, host = _prepare(
+    groups, lead, grouped, head_mix, dim_proj, bias, structure = _prepare(
         kv, head_mix, dim_proj, resample, bias, op
     )
     backend = _backend.resolve(op, groups[0].device)
     if backend == "reference":
         out = reference.kv_project(groups, head_mix, dim_proj, bias, *structure[:3])
     elif backend == "triton":
-        out = torch.ops.fastcore.kv_project_triton(
-            groups, head_mix, dim_proj, bias, *structure, *host
-        )
+        out = torch.ops.fastcore.kv_project_triton(groups, head_mix, dim_proj, bias, *structure)
     else:
         out = torch.ops.fastcore.kv_project(groups, head_mix, dim_proj, bias, *structure)
     out = out.reshape(out.shape[0], *lead, *out.shape[2:])
@@ -455,7 +439,7 @@ def kv_distill_loss(
         raise ValueError(f"{op}: loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if reduction not in ("sum", "mean", "none"):
         raise ValueError(f"{op}: reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
-    groups, lead, grouped, head_mix, dim_proj, bias, structure, host = _prepare(
+    groups, lead, grouped, head_mix, dim_proj, bias, structure = _prepare(
         teacher_kv, head_mix, dim_proj, resample, bias, op
     )
     if grouped:
@@ -485,7 +469,7 @@ def kv_distill_loss(
         )
     elif backend == "triton":
         per_group = torch.ops.fastcore.kv_distill_loss_triton(
-            groups, students, head_mix, dim_proj, bias, *structure, loss, *host
+            groups, students, head_mix, dim_proj, bias, *structure, loss
         )
     else:
         per_group = torch.ops.fastcore.kv_distill_loss(
@@ -494,3 +478,23 @@ def kv_distill_loss(
     if reduction == "none":
         return per_group
     return per_group.sum() if reduction == "sum" else per_group.mean()
+
+
+def distill_group_loss(projected: torch.Tensor, student: torch.Tensor, loss: str) -> torch.Tensor:
+    """One group's :func:`kv_distill_loss` term for an already materialised projection
+    ``projected [..., Hs, Ts, Ds]`` and a student cache of the same shape: plain PyTorch
+    (autograd through both), for callers that build the projection themselves (e.g. a
+    weighted sum of several teachers' projections). Float32, float64 for float64 inputs;
+    an empty cache gives 0. ``loss``: ``"mse"`` (mean over elements) or ``"cosine"`` (mean
+    over rows of ``1 - cos`` along Ds, each norm clamped below at 1e-8)."""
+    if loss not in LOSSES:
+        raise ValueError(f"kv_distill_loss: loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    acc = torch.float64 if torch.float64 in (projected.dtype, student.dtype) else torch.float32
+    p, s = projected.to(acc), student.to(acc)
+    if p.numel() == 0:
+        return (p.sum() + s.sum()) * 0  # 0, still connected to both graphs
+    if loss == "mse":
+        return (p - s).square().mean()
+    eps = 1e-8
+    norms = p.norm(dim=-1).clamp_min(eps) * s.norm(dim=-1).clamp_min(eps)
+    return (1 - (p * s).sum(-1) / norms).mean()
