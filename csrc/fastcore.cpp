@@ -97,7 +97,7 @@ TORCH_LIBRARY(fastcore, m) {
       "feature_mlp_backward(Tensor grad, Tensor h, Tensor w1, Tensor b1, Tensor w2) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Fused KV-cache projection over G groups (one per layer and K/V), see
-  // fastcore/reference/kv.py for the contract: kv holds G tensors [B, Ht, Tt, Dt];
+  // fastcore/reference/kv_project.py for the contract: kv holds G tensors [B, Ht, Tt, Dt];
   // head_mix [G, Hs, Ht]; dim_proj [G, Dt, Ds] (shared) or [G, Ht, Dt, Ds] (per teacher
   // head); bias [G, Hs, Ds]; ptr [Ts+1] / idx [E] (int64) / weight [E] the resampling rows
   // over teacher time, t_ptr / t_col / t_edge the same rows grouped by teacher step (for the

@@ -1,6 +1,6 @@
 // CPU kernels for the fused KV-cache projection (fastcore::kv_project), its backward and
 // the fused distillation loss (fastcore::kv_distill_loss). The contract is in
-// csrc/fastcore.cpp and fastcore/reference/kv.py.
+// csrc/fastcore.cpp and fastcore/reference/kv_project.py.
 //
 // Work item = (group g, batch b, tile of kTile student steps). Per item, in per-thread
 // buffers of the accumulation type (float for half types and float, double for double):
