@@ -8,6 +8,12 @@
 #                and a compile-only check of every CUDA source where nvcc is installed)
 #   make bench   the benchmarks, a ratio table and bench/results/<device>-<date>.json
 #   make lint    ruff
+#   make cuda-build  the whole extension with its CUDA kernels (sm_90), in .venv-cuda with
+#                the GPU machines' torch 2.11 + CUDA 13.0 and Triton 3.6; no GPU needed
+#   make cuda-test   the CPU suite under that torch, Triton and extension
+#   make triton-aot  every Triton kernel compiled for sm_90 at the bench shapes, all dtypes
+#   make gpu-check   the one prepared GPU run (scripts/gpu_check.sh; GPU_CHECK_ARGS=--dry-run
+#                on a CPU machine, --long for the longer set)
 #   make clean   remove build outputs (the virtual environment stays)
 
 PYTHON      ?= python3
@@ -29,14 +35,14 @@ TRAIN_CONFIG ?= configs/basin.yaml
 TRAIN_RUNS   ?= runs/basin
 TRAIN_ARGS   ?=
 
-.PHONY: train test bench lint clean
+.PHONY: train test bench lint clean cuda-build cuda-test triton-aot gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(DEPS): | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "$(TRITON_SPEC)" setuptools wheel ninja
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "$(TRITON_SPEC)" "setuptools>=77" wheel ninja
 	touch $@
 
 $(BUILT): $(DEPS) $(SOURCES)
@@ -64,6 +70,20 @@ bench: $(BUILT)
 			--benchmark-json=bench/.runs/$$(basename $$f .py).json $(PYTEST_ARGS) || exit 1; \
 	done
 	$(BENCH_ENV) $(PY) bench/compare.py bench/.runs/*.json
+
+cuda-build:
+	PYTHON=$(PYTHON) scripts/cuda_build.sh
+
+cuda-test:
+	scripts/cuda_build.sh test $(PYTEST_ARGS)
+
+triton-aot: $(BUILT)
+	$(PY) scripts/triton_aot.py
+
+# On the GPU machine: its own python and torch (no venv, no network).
+GPU_CHECK_ARGS ?=
+gpu-check: $(if $(filter --dry-run,$(GPU_CHECK_ARGS)),$(BUILT))
+	PY=$(if $(filter --dry-run,$(GPU_CHECK_ARGS)),$(PY),python) scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 lint: $(BUILT)
 	$(PY) -m pip install --quiet ruff

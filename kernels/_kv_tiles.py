@@ -160,16 +160,16 @@ def resample(
     ``[BLOCK_T, BLOCK_W]``, 0 where masked."""
     acc_dtype = tl.float64 if MODE == "fp64" else tl.float32
     xr = tl.zeros([BLOCK_T, BLOCK_W], dtype=acc_dtype)
+    # Loads in the tile's 2-D layout ([BLOCK_T, 1] columns): Triton 3.6 (sm_90) fails to
+    # compile a 1-D masked load whose mask also feeds a 2-D one.
     for j in range(0, steps):
-        live = j < length
-        step = tl.load(src + j, mask=live, other=0)
-        wj = tl.load(w + j, mask=live, other=0.0).to(acc_dtype)
+        live = (j < length)[:, None]
+        step = tl.load((src + j)[:, None], mask=live, other=0)
+        wj = tl.load((w + j)[:, None], mask=live, other=0.0).to(acc_dtype)
         values = tl.load(
-            x_head + step[:, None] * width + col[None, :],
-            mask=live[:, None] & col_mask[None, :],
-            other=0.0,
+            x_head + step * width + col[None, :], mask=live & col_mask[None, :], other=0.0
         ).to(acc_dtype)
-        xr += wj[:, None] * values
+        xr += wj * values
     return xr
 
 

@@ -295,17 +295,16 @@ def kv_project_bwd_proj_kernel(
         )
         mid_bh = mid_ptr + ((g * B + b) * Ht + h) * Ts * Ds
         a = tl.zeros([BLOCK_J, BLOCK_DS], dtype=acc_dtype)
+        # [BLOCK_J, 1] columns: see resample() in _kv_tiles (Triton 3.6 layouts).
         for i in range(0, steps):
-            live = i < length
-            step = tl.load(col + i, mask=live, other=0)
-            e = tl.load(edge + i, mask=live, other=0)
+            live = (i < length)[:, None]
+            step = tl.load((col + i)[:, None], mask=live, other=0)
+            e = tl.load((edge + i)[:, None], mask=live, other=0)
             wi = tl.load(w_ptr + e, mask=live, other=0.0).to(acc_dtype)
             values = tl.load(
-                mid_bh + step[:, None] * Ds + ecol[None, :],
-                mask=live[:, None] & ds_mask[None, :],
-                other=0.0,
+                mid_bh + step * Ds + ecol[None, :], mask=live & ds_mask[None, :], other=0.0
             ).to(acc_dtype)
-            a += wi[:, None] * values
+            a += wi * values
         x_bh = x_g + (b * Ht + h) * Tt * Dt
         for kc in tl.static_range(NUM_K):
             dcol, dt_mask = k_cols(kc, Dt, BLOCK_K)

@@ -20,15 +20,18 @@ REDUCE_CODES = {"sum": 0, "mean": 1, "max": 2, "min": 3}
 def _load_member(
     src_ptr, perm_ptr, start, j, live, base, inner, col, col_mask, HAS_PERM: tl.constexpr
 ):
-    """The j-th member of each row's segment: its source row and its [BLOCK_R, BLOCK_C]
-    values (0 where ``live`` is false)."""
+    """The j-th member of each row's segment: its source row ``[BLOCK_R, 1]`` and its
+    ``[BLOCK_R, BLOCK_C]`` values (0 where ``live`` is false). Everything is indexed in the
+    tile's 2-D layout: Triton 3.6 (sm_90) fails to compile a 1-D masked load whose mask
+    also feeds the 2-D one (remove-layout-conversions leaves the two in different layouts)."""
+    live2 = live[:, None]
     if HAS_PERM:
-        src_row = tl.load(perm_ptr + start + j, mask=live, other=0)
+        src_row = tl.load((perm_ptr + start + j)[:, None], mask=live2, other=0)
     else:
-        src_row = start + j
+        src_row = (start + j)[:, None]
     values = tl.load(
-        src_ptr + (base + src_row * inner)[:, None] + col[None, :],
-        mask=live[:, None] & col_mask[None, :],
+        src_ptr + (base[:, None] + src_row * inner) + col[None, :],
+        mask=live2 & col_mask[None, :],
         other=0.0,
     )
     return src_row, values
@@ -90,7 +93,7 @@ def segment_reduce_fwd_kernel(
                     src_ptr, perm_ptr, start, 0, nonempty, base, inner, col, col_mask, HAS_PERM
                 )
                 acc = acc.to(acc_dtype)
-                arg = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int64) + first[:, None]
+                arg = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int64) + first
                 for j in range(1, max_length):
                     live = row_mask & (j < length)
                     src_row, values = _load_member(
@@ -104,7 +107,7 @@ def segment_reduce_fwd_kernel(
                     better = better | ((values != values) & (acc == acc))
                     better = better & live[:, None]
                     acc = tl.where(better, values, acc)
-                    arg = tl.where(better, src_row[:, None], arg)
+                    arg = tl.where(better, src_row, arg)
                 arg = tl.where(nonempty[:, None], arg, size)
                 tl.store(
                     arg_ptr + row[:, None] * inner + col[None, :],

@@ -7,9 +7,12 @@
   ``torch.empty``/``at::empty`` come back filled with NaN: an output element a kernel
   forgets to write fails the comparison instead of passing by luck.
 * Inputs are fresh seeded random tensors (``fastcore.testing.randn``), never zeros/ones.
+* ``FASTCORE_TEST_TIMEOUT=<seconds>`` fails a test that runs longer (``make gpu-check``
+  sets it: a hung kernel must not eat a short GPU lease).
 """
 
 import os
+import signal
 
 import torch
 
@@ -26,3 +29,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_TIMEOUT = float(os.environ.get("FASTCORE_TEST_TIMEOUT", "0") or 0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    if _TIMEOUT <= 0:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{item.nodeid} ran over FASTCORE_TEST_TIMEOUT={_TIMEOUT:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, _TIMEOUT)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -89,7 +89,9 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         return dataclasses.replace(
             batch,
-            **{f.name: to_device(getattr(batch, f.name), device) for f in dataclasses.fields(batch)},
+            **{
+                f.name: to_device(getattr(batch, f.name), device) for f in dataclasses.fields(batch)
+            },
         )
     return batch
 
