@@ -44,7 +44,9 @@ if [[ ! -x $PY ]]; then
 fi
 # Quick when already satisfied. setuptools: 77 reads the SPDX license string (a Python 3.11
 # venv starts with 65); torch 2.11 asks for <82.
-"$PY" -m pip install --quiet "$TORCH_SPEC" "$TRITON_SPEC" "setuptools>=77" wheel ninja
+# numpy<2.4: Triton 3.6's interpreter converts one-element arrays with int(), which NumPy
+# 2.4 rejects (every interpreted kernel fails); Triton 3.9 does not.
+"$PY" -m pip install --quiet "$TORCH_SPEC" "$TRITON_SPEC" "setuptools>=77" "numpy<2.4" wheel ninja
 echo "[cuda-build] venv ready after $(($(date +%s) - start)) s: $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')"
 
 if [[ -z ${CUDA_HOME:-} ]]; then

@@ -52,7 +52,7 @@ if ((LONG)); then
 fi
 if ((DRY)); then
     BENCH_FILES=(gather)
-    BENCH_ARGS=(--benchmark-max-time=0.02 --benchmark-min-rounds=1 -k "96x400x64")
+    BENCH_ARGS=(--benchmark-max-time=0.02 --benchmark-min-rounds=1 -k "BT96xN400xH64 or copy")
 fi
 status=0
 start=$(date +%s)

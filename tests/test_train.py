@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import fastcore
 from fastcore.train import (
     CheckpointError,
     ConfigError,
@@ -26,6 +27,8 @@ from fastcore.train.cli import main, resolve_config, run
 from fastcore.train.trainer import cosine_with_warmup
 
 ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses import the fastcore this process imported (the checkout, or an install).
+IMPORTED_FROM = str(Path(fastcore.__file__).resolve().parents[1])
 CONFIG = ROOT / "configs" / "example.yaml"
 # Small and fast: 300 days -> 228 training windows -> 7 steps of 32 per epoch.
 SMALL = [
@@ -53,7 +56,7 @@ def cli(run_dir: Path, *extra: str, launcher: list[str] | None = None, resume: s
     cmd = [*(launcher or [sys.executable]), "-m", "fastcore.train", "--config", str(CONFIG)]
     if resume:
         cmd += ["--resume", resume]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": IMPORTED_FROM, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [*cmd, *overrides(run_dir, *extra)],
         capture_output=True,

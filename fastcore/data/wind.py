@@ -27,8 +27,18 @@ EARTH_RADIUS_KM = 6371.0072
 WIND_ENV = "FASTCORE_WIND"
 """Environment variable overriding the path of ``wind.npz``."""
 
-DEFAULT_WIND_PATH = Path(__file__).resolve().parents[2] / "data" / "wind" / "wind.npz"
-"""Where ``scripts/fetch_wind.py`` writes the data by default (under the repository root)."""
+
+def _default_wind_path() -> Path:
+    root = Path(__file__).resolve().parents[2]
+    if (root / "scripts" / "fetch_wind.py").is_file():  # a source checkout
+        return root / "data" / "wind" / "wind.npz"
+    return Path.cwd() / "data" / "wind" / "wind.npz"  # an installed package
+
+
+DEFAULT_WIND_PATH = _default_wind_path()
+"""Where ``scripts/fetch_wind.py`` writes the data by default: ``data/wind/wind.npz`` under
+the repository root in a source checkout, under the working directory for an installed
+package."""
 
 _REQUIRED = ("speed", "dates", "station", "code", "lat", "lon")
 
