@@ -269,6 +269,25 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     )
 
 
+def test_config_floats_as_users_write_them(tmp_path):
+    base = [f"run_dir={tmp_path}"]
+    cfg = resolve_config(str(CONFIG), [*base, "train.lr=3e-4", "train.eps=1E-5"])
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.eps == 1e-5
+    cfg = resolve_config(str(CONFIG), [*base, "train.weight_decay=2", "train.grad_clip=.5"])
+    assert cfg.train.weight_decay == 2.0 and cfg.train.grad_clip == 0.5
+    text = CONFIG.read_text()
+    assert "  lr: 3.0e-3\n" in text
+    written = tmp_path / "lr.yaml"
+    written.write_text(text.replace("  lr: 3.0e-3\n", "  lr: 3e-3\n"))  # a string to PyYAML
+    assert resolve_config(str(written), base).train.lr == 3e-3
+    for text in ("nan", "3e", "1e-3x", "1,5"):
+        with pytest.raises(ConfigError, match=rf"train\.lr: expected float, got '{text}'"):
+            resolve_config(str(CONFIG), [*base, f"train.lr={text}"])
+    with pytest.raises(ConfigError, match=r"train\.lr = inf: expected a finite float > 0"):
+        resolve_config(str(CONFIG), [*base, "train.lr=inf"])
+
+
 def test_batch_that_does_not_split_is_an_error(tmp_path):
     with pytest.raises(
         ValueError, match=r"batch_size 30 must divide by world_size 1 x train\.accum_steps 4"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -211,6 +212,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# A number as users write it: 3e-4, 1E5, -2.5, .5, inf, -.inf (NaN is never a valid value).
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|infinity|\.inf)", re.I)
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """``value`` checked against (and lightly coerced to) the annotation ``tp``."""
     origin = typing.get_origin(tp)
@@ -246,6 +251,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads 3e-4 and 1E5 as strings: a float needs a dot there.
+            return float(value.strip().lower().replace(".inf", "inf"))
     elif tp is str:
         if isinstance(value, str):
             return value
