@@ -134,6 +134,19 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert_weights_close(final_weights(broken), final_weights(whole), rtol=0, atol=0)
 
 
+def test_leftovers_of_an_interrupted_save_are_removed(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    stale = ckpt / ".step-00000005.pt.k3j2h1.tmp"  # what atomic_save's mkstemp names
+    stale.write_bytes(b"half a checkpoint")
+    mine = ckpt / "notes.tmp"
+    mine.write_text("not ours")
+    run(config(tmp_path / "run", "train.max_steps=2"))
+    assert not stale.exists() and mine.exists()
+    assert f"WARNING removed {stale}" in (tmp_path / "run" / "train.log").read_text()
+    assert not list(ckpt.glob(".*.tmp"))
+
+
 def test_torchrun_two_processes_match_one_process(tmp_path):
     # Without dropout: each rank draws its own masks, so only a deterministic model can
     # match the single process exactly.

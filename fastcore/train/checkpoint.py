@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+TMP_RE = re.compile(r"^\.[^/]+\.pt\.[^/]+\.tmp$")
 STEP_RE = re.compile(r"^step-(\d+)\.pt$")
 
 
@@ -140,6 +141,18 @@ def check_fingerprint(ckpt: dict[str, Any], model: nn.Module, path: str | Path, 
         raise CheckpointError(
             f"checkpoint {str(path)!r} was written for another model: {'; '.join(parts)}"
         )
+
+
+def remove_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_save` leaves when its process dies
+    between writing and renaming (``.<name>.pt.<random>.tmp``); return what was removed."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    stale = sorted(p for p in d.iterdir() if TMP_RE.match(p.name) and p.is_file())
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def step_checkpoints(directory: str | Path) -> list[Path]:

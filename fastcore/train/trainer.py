@@ -210,6 +210,8 @@ class Trainer:
         if not self.dist.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_io.remove_temporaries(self.ckpt_dir):
+            log.warning("removed %s, left by a checkpoint save that was interrupted", stale)
         save_config(self.cfg, self.run_dir / "config.yaml")
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115
         if self.cfg.log.tensorboard:
