@@ -235,10 +235,13 @@ def test_residual_adds_the_input(device, backend, dtype, width):
     for name, a, b in zip(("x", "w"), got, want, strict=True):
         assert_close(a, b, dtype, f"grad {name}")
     if dtype == torch.float64:
+        # One batch row: every node, edge and column still checked, a third of the calls
+        # (each a kernel launch, slow under the Triton interpreter).
+        x1 = x[:1].detach().requires_grad_()
         with use_backend(backend):
-            torch.autograd.gradcheck(lambda x, w: ops.spmm(x, g, w, dim=1, residual=True), (x, w))
+            torch.autograd.gradcheck(lambda x, w: ops.spmm(x, g, w, dim=1, residual=True), (x1, w))
             torch.autograd.gradgradcheck(
-                lambda x, w: ops.spmm(x, g, w, dim=1, residual=True), (x, w)
+                lambda x, w: ops.spmm(x, g, w, dim=1, residual=True), (x1, w)
             )
 
 
