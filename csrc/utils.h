@@ -62,6 +62,18 @@ inline void check_index_range(const at::Tensor& index, int64_t bound, const char
                     " is out of range for dimension ", dim, " of size ", bound);
 }
 
+// The CSR checks that read no values, run with check=False too: with them the kernels,
+// which clamp ptr and skip perm entries out of range, stay inside the tensors.
+inline void check_csr_shapes(const at::Tensor& ptr, const c10::optional<at::Tensor>& perm,
+                             int64_t rows, const char* op) {
+  TORCH_CHECK_VALUE(ptr.dim() == 1 && ptr.numel() >= 1, op,
+                    ": ptr must be 1-D with at least one entry, got shape ", ptr.sizes());
+  if (perm.has_value()) {
+    TORCH_CHECK_VALUE(perm->dim() == 1 && perm->numel() == rows, op,
+                      ": perm must be 1-D of length ", rows, ", got shape ", perm->sizes());
+  }
+}
+
 // Validates a CSR pointer (and optional permutation) for `rows` source rows on any
 // device (synchronises on CUDA). Raises ValueError / IndexError naming the value.
 inline void check_csr(const at::Tensor& ptr, const c10::optional<at::Tensor>& perm, int64_t rows,

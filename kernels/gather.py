@@ -3,7 +3,8 @@ transpose, the segment sum of ``fastcore.kernels.segment``).
 
 They work on the folded view ``[outer, size, inner]`` of a contiguous tensor, with int64
 address arithmetic and grid-stride loops so that more than 2^31 elements (or programs)
-work. The launchers trust their inputs: fastcore.ops validates before calling them.
+work. fastcore.ops validates before calling them; an index outside ``[0, size)`` (possible
+only with ``check=False``) reads a zero row, and nothing outside the tensors is touched.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def gather_fwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """out[o, m, :] = src[o, index[m], :] (+ base[o, m, :] with HAS_BASE, added in float32
-    or float64) for the flattened output rows (o, m)."""
+    or float64) for the flattened output rows (o, m); a zero row where index[m] is outside
+    [0, size)."""
     num_tiles = tl.cdiv(rows, BLOCK_R)
     for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         row = tl.cast(tile, tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -39,12 +41,17 @@ def gather_fwd_kernel(
         o = row // index_len
         m = row - o * index_len
         idx = tl.load(index_ptr + m, mask=row_mask, other=0).to(tl.int64)
-        src_row = (o * size + idx) * inner
+        valid = row_mask & (idx >= 0) & (idx < size)
+        src_row = (o * size + tl.where(valid, idx, 0)) * inner
         out_row = row * inner
         for c0 in range(0, inner, BLOCK_C):
             col = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
             mask = row_mask[:, None] & (col[None, :] < inner)
-            values = tl.load(src_ptr + src_row[:, None] + col[None, :], mask=mask)
+            values = tl.load(
+                src_ptr + src_row[:, None] + col[None, :],
+                mask=valid[:, None] & (col[None, :] < inner),
+                other=0,
+            )
             if HAS_BASE:
                 base = tl.load(base_ptr + out_row[:, None] + col[None, :], mask=mask)
                 add_dtype = tl.float64 if ADD_FP64 else tl.float32

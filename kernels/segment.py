@@ -2,8 +2,11 @@
 CSR segments along a dim) and ``segment_arg_scatter`` (the max/min backward).
 
 They work on the folded view ``[outer, size, inner]`` of a contiguous tensor, with int64
-address arithmetic and grid-stride loops. The launchers trust their inputs: fastcore.ops
-validates before calling them.
+address arithmetic and grid-stride loops. fastcore.ops validates before calling them; an
+invalid CSR (possible only with ``check=False``) never reads or writes outside the tensors:
+segment r covers the entries ``[clamp(ptr[r], 0, size), clamp(ptr[r+1], that, size))`` and a
+``perm`` entry outside ``[0, size)`` takes part in nothing (a mean divides by the members it
+folded in), as in the CPU kernel.
 """
 
 from __future__ import annotations
@@ -18,15 +21,18 @@ REDUCE_CODES = {"sum": 0, "mean": 1, "max": 2, "min": 3}
 
 @triton.jit
 def _load_member(
-    src_ptr, perm_ptr, start, j, live, base, inner, col, col_mask, HAS_PERM: tl.constexpr
+    src_ptr, perm_ptr, start, j, live, base, size, inner, col, col_mask, HAS_PERM: tl.constexpr
 ):
-    """The j-th member of each row's segment: its source row ``[BLOCK_R, 1]`` and its
-    ``[BLOCK_R, BLOCK_C]`` values (0 where ``live`` is false). Everything is indexed in the
-    tile's 2-D layout: Triton 3.6 (sm_90) fails to compile a 1-D masked load whose mask
-    also feeds the 2-D one (remove-layout-conversions leaves the two in different layouts)."""
+    """The j-th member of each row's segment: its source row ``[BLOCK_R, 1]``, whether it
+    is one (``[BLOCK_R, 1]``: live and, with a perm, in ``[0, size)``) and its
+    ``[BLOCK_R, BLOCK_C]`` values (0 where it is not). Everything is indexed in the tile's
+    2-D layout: Triton 3.6 (sm_90) fails to compile a 1-D masked load whose mask also feeds
+    the 2-D one (remove-layout-conversions leaves the two in different layouts)."""
     live2 = live[:, None]
     if HAS_PERM:
         src_row = tl.load((perm_ptr + start + j)[:, None], mask=live2, other=0)
+        live2 = live2 & (src_row >= 0) & (src_row < size)
+        src_row = tl.where(live2, src_row, 0)
     else:
         src_row = (start + j)[:, None]
     values = tl.load(
@@ -34,7 +40,7 @@ def _load_member(
         mask=live2 & col_mask[None, :],
         other=0.0,
     )
-    return src_row, values
+    return src_row, live2, values
 
 
 @triton.jit
@@ -70,8 +76,9 @@ def segment_reduce_fwd_kernel(
         row_mask = row < rows
         o = row // segments
         r = row - o * segments
-        start = tl.load(ptr_ptr + r, mask=row_mask, other=0)
-        length = tl.load(ptr_ptr + r + 1, mask=row_mask, other=0) - start
+        start = tl.minimum(tl.maximum(tl.load(ptr_ptr + r, mask=row_mask, other=0), 0), size)
+        stop = tl.minimum(tl.load(ptr_ptr + r + 1, mask=row_mask, other=0), size)
+        length = tl.maximum(stop - start, 0)
         base = o * size * inner
         max_length = tl.max(length)
         for c0 in range(0, inner, BLOCK_C):
@@ -79,36 +86,58 @@ def segment_reduce_fwd_kernel(
             col_mask = col < inner
             if REDUCE < 2:
                 acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_dtype)
+                count = tl.zeros([BLOCK_R, 1], dtype=tl.int64)
                 for j in range(0, max_length):
                     live = row_mask & (j < length)
-                    _, values = _load_member(
-                        src_ptr, perm_ptr, start, j, live, base, inner, col, col_mask, HAS_PERM
+                    _, member, values = _load_member(
+                        src_ptr,
+                        perm_ptr,
+                        start,
+                        j,
+                        live,
+                        base,
+                        size,
+                        inner,
+                        col,
+                        col_mask,
+                        HAS_PERM,
                     )
                     acc += values.to(acc_dtype)
+                    count += member.to(tl.int64)
                 if REDUCE == 1:
-                    acc = acc / tl.maximum(length, 1).to(acc_dtype)[:, None]
+                    acc = acc / tl.maximum(count, 1).to(acc_dtype)
             else:
-                nonempty = row_mask & (length > 0)
-                first, acc = _load_member(
-                    src_ptr, perm_ptr, start, 0, nonempty, base, inner, col, col_mask, HAS_PERM
-                )
-                acc = acc.to(acc_dtype)
-                arg = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int64) + first
-                for j in range(1, max_length):
+                # A row's accumulator starts at its first member (seen turns on there):
+                # later members replace it only on a strictly better value or a first
+                # NaN, so ties go to the first member.
+                acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_dtype)
+                arg = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int64) + size
+                seen = tl.zeros([BLOCK_R, 1], dtype=tl.int1)
+                for j in range(0, max_length):
                     live = row_mask & (j < length)
-                    src_row, values = _load_member(
-                        src_ptr, perm_ptr, start, j, live, base, inner, col, col_mask, HAS_PERM
+                    src_row, member, values = _load_member(
+                        src_ptr,
+                        perm_ptr,
+                        start,
+                        j,
+                        live,
+                        base,
+                        size,
+                        inner,
+                        col,
+                        col_mask,
+                        HAS_PERM,
                     )
                     values = values.to(acc_dtype)
                     if REDUCE == 2:
                         better = values > acc
                     else:
                         better = values < acc
-                    better = better | ((values != values) & (acc == acc))
-                    better = better & live[:, None]
+                    better = better | ((values != values) & (acc == acc)) | (seen == 0)
+                    better = better & member
                     acc = tl.where(better, values, acc)
                     arg = tl.where(better, src_row, arg)
-                arg = tl.where(nonempty[:, None], arg, size)
+                    seen = seen | member
                 tl.store(
                     arg_ptr + row[:, None] * inner + col[None, :],
                     arg,
@@ -145,8 +174,9 @@ def segment_arg_scatter_kernel(
             offset = row[:, None] * inner + col[None, :]
             arg = tl.load(arg_ptr + offset, mask=mask, other=size)
             values = tl.load(grad_ptr + offset, mask=mask)
-            target = (o * size)[:, None] * inner + arg * inner + col[None, :]
-            tl.store(out_ptr + target, values, mask=mask & (arg < size))
+            hit = mask & (arg >= 0) & (arg < size)
+            target = (o * size)[:, None] * inner + tl.where(hit, arg, 0) * inner + col[None, :]
+            tl.store(out_ptr + target, values, mask=hit)
 
 
 def segment_reduce(

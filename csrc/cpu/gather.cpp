@@ -2,6 +2,8 @@
 // output's shape: unpooling fused with its skip connection). Rows of the folded view
 // [outer, size, inner] are the unit of work: at::parallel_for splits them across threads.
 // Their backward, csr_sum, is registered with the segment reductions (csrc/cpu/segment.cpp).
+// An index outside [0, size) (possible only with check=False) reads a zero row: gather
+// writes zeros there and gather_add copies base; nothing outside the tensors is touched.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,8 +26,12 @@ void gather_rows(const char* src, const index_t* index, char* out, const Fold& f
     for (int64_t row = begin; row < end; ++row) {
       const int64_t o = row / rows_out;
       const int64_t m = row - o * rows_out;
-      const int64_t src_row = o * f.size + static_cast<int64_t>(index[m]);
-      std::memcpy(out + row * row_bytes, src + src_row * row_bytes, row_bytes);
+      const int64_t i = static_cast<int64_t>(index[m]);
+      if (static_cast<uint64_t>(i) < static_cast<uint64_t>(f.size)) {
+        std::memcpy(out + row * row_bytes, src + (o * f.size + i) * row_bytes, row_bytes);
+      } else {
+        std::memset(out + row * row_bytes, 0, row_bytes);
+      }
     }
   });
 }
@@ -65,9 +71,14 @@ FASTCORE_SIMD_CLONES void gather_add_rows(const scalar_t* src, const index_t* in
   for (int64_t row = begin; row < end; ++row) {
     const int64_t o = row / rows_out;
     const int64_t m = row - o * rows_out;
-    const scalar_t* s = src + (o * size + static_cast<int64_t>(index[m])) * inner;
+    const int64_t i = static_cast<int64_t>(index[m]);
     const scalar_t* b = base + row * inner;
     scalar_t* d = out + row * inner;
+    if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(size)) {
+      std::memcpy(d, b, inner * sizeof(scalar_t));
+      continue;
+    }
+    const scalar_t* s = src + (o * size + i) * inner;
 #pragma omp simd
     for (int64_t j = 0; j < inner; ++j) {
       d[j] = static_cast<scalar_t>(static_cast<acc_t>(b[j]) + static_cast<acc_t>(s[j]));

@@ -68,25 +68,37 @@ inline void store_arg(int64_t* __restrict__ dst, const pos_t* __restrict__ pos, 
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<int64_t>(pos[j]);
 }
 
+// Whether m names a row of [0, size): members outside it (a perm entry out of range,
+// possible only with check=False) take part in nothing.
+inline bool in_rows(int64_t m, int64_t size) {
+  return static_cast<uint64_t>(m) < static_cast<uint64_t>(size);
+}
+
 // Fold source rows `rows[i]` (row index m = rows ? rows[i] : first + i, i < count) into
-// accumulator row segment[i] (or 0): the sum inner loop of both loop orders.
+// accumulator row segment[i] (or 0): the sum inner loop of both loop orders. Returns
+// how many rows it folded in (rows outside [0, size) are skipped).
 template <typename acc_t, typename scalar_t>
-FASTCORE_SIMD_CLONES void add_rows(acc_t* acc, const scalar_t* base, const int64_t* rows,
-                                   const int64_t* segment, int64_t first, int64_t count,
-                                   int64_t inner) {
+FASTCORE_SIMD_CLONES int64_t add_rows(acc_t* acc, const scalar_t* base, const int64_t* rows,
+                                      const int64_t* segment, int64_t first, int64_t count,
+                                      int64_t inner, int64_t size) {
+  int64_t added = 0;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t m = rows ? rows[i] : first + i;
+    if (!in_rows(m, size)) continue;
     add_row(acc + (segment ? segment[i] * inner : 0), base + m * inner, inner);
+    ++added;
   }
+  return added;
 }
 
 // The same for max/min, tracking positions.
 template <Reduce R, typename acc_t, typename scalar_t, typename pos_t>
 FASTCORE_SIMD_CLONES void arg_rows(acc_t* acc, pos_t* pos, const scalar_t* base,
                                    const int64_t* rows, const int64_t* segment, int64_t first,
-                                   int64_t count, int64_t inner) {
+                                   int64_t count, int64_t inner, int64_t size) {
   for (int64_t i = 0; i < count; ++i) {
     const int64_t m = rows ? rows[i] : first + i;
+    if (!in_rows(m, size)) continue;
     const int64_t offset = segment ? segment[i] * inner : 0;
     arg_row<R>(acc + offset, pos + offset, base + m * inner, static_cast<pos_t>(m), inner);
   }
@@ -116,10 +128,15 @@ inline void store_row(scalar_t* dst, const acc_t* acc, int64_t n, acc_t divisor)
 //    parallel over output rows; works for any shape.
 //  * by slab: for one outer index o, stream the source rows m = 0 .. size-1 in order and
 //    fold each into its segment's accumulator row, which stays in cache; parallel over
-//    outer. Chosen when there are enough slabs for every thread and a slab's
-//    accumulators fit in L2. Its order within a segment is ascending source row, which is
-//    the by-segment order when perm lists each segment's members ascending (as the
-//    stable sort behind every fastcore CSR does).
+//    outer. Chosen when there are enough slabs for every thread, a slab's accumulators
+//    fit in L2, and every source row belongs to exactly one segment. Its order within a
+//    segment is ascending source row, which is the by-segment order when perm lists each
+//    segment's members ascending (as the stable sort behind every fastcore CSR does).
+//
+// Memory safety without checks: segment r covers the entries [lo, hi) with
+// lo = clamp(ptr[r], 0, size), hi = clamp(ptr[r+1], lo, size), and a perm entry outside
+// [0, size) is skipped (a mean divides by the members it did fold in). A valid CSR reads
+// exactly as before; an invalid one never reads or writes outside the tensors.
 constexpr int64_t kSlabBytes = 512 * 1024;
 
 template <Reduce R, typename scalar_t, typename pos_t>
@@ -129,59 +146,78 @@ void segment_rows(const scalar_t* src, const int64_t* perm, const int64_t* ptr, 
   constexpr bool widen = !std::is_same_v<acc_t, scalar_t>;
   constexpr bool arg_reduce = R == Reduce::Max || R == Reduce::Min;
   const int64_t inner = f.inner;
+  const int64_t size = f.size;
   const int64_t slab = segments * inner;
   const int64_t slab_bytes =
       slab * static_cast<int64_t>(sizeof(acc_t) + (arg_reduce ? sizeof(pos_t) : 0));
-  // Half types accumulate in a float buffer; the rest in the output itself.
+  auto lo = [&](int64_t r) { return std::clamp<int64_t>(ptr[r], 0, size); };
+  auto hi = [&](int64_t r) { return std::clamp<int64_t>(ptr[r + 1], lo(r), size); };
   auto member = [&](int64_t k) { return perm ? perm[k] : k; };
-  auto divisor = [&](int64_t r) {
-    return R == Reduce::Mean && ptr[r + 1] > ptr[r] ? static_cast<acc_t>(ptr[r + 1] - ptr[r])
-                                                    : acc_t(1);
+  auto divisor = [](int64_t members) {
+    return R == Reduce::Mean && members > 0 ? static_cast<acc_t>(members) : acc_t(1);
   };
-  // Max/min: start a segment's accumulator row from its first member (or 0 and the
-  // position `size` when it is empty).
+  // Max/min: start a segment's accumulator row from its first member in range and return
+  // the entry after it (or fill 0 and the position `size` when there is none).
   auto start_arg_row = [&](acc_t* a, pos_t* g, const scalar_t* base, int64_t r) {
-    if (ptr[r + 1] > ptr[r]) {
-      const int64_t first = member(ptr[r]);
-      load_row(a, base + first * inner, inner);
-      std::fill(g, g + inner, static_cast<pos_t>(first));
-    } else {
-      std::fill(a, a + inner, acc_t(0));
-      std::fill(g, g + inner, static_cast<pos_t>(f.size));
+    const int64_t end = hi(r);
+    for (int64_t k = lo(r); k < end; ++k) {
+      const int64_t m = member(k);
+      if (!in_rows(m, size)) continue;
+      load_row(a, base + m * inner, inner);
+      std::fill(g, g + inner, static_cast<pos_t>(m));
+      return k + 1;
     }
+    std::fill(a, a + inner, acc_t(0));
+    std::fill(g, g + inner, static_cast<pos_t>(size));
+    return end;
   };
 
   if (f.outer >= 2 * at::get_num_threads() && slab_bytes <= kSlabBytes) {
-    std::vector<int64_t> segment_of(f.size);  // source row -> its segment
-    for (int64_t r = 0; r < segments; ++r) {
-      for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k) segment_of[member(k)] = r;
-    }
-    at::parallel_for(0, f.outer, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buffer(widen ? slab : 0);
-      std::vector<pos_t> positions(arg_reduce ? slab : 0);
-      for (int64_t o = begin; o < end; ++o) {
-        scalar_t* out_slab = out + o * slab;
-        acc_t* acc = widen ? buffer.data() : reinterpret_cast<acc_t*>(out_slab);
-        const scalar_t* base = src + o * f.size * inner;
-        if constexpr (arg_reduce) {
-          pos_t* pos = positions.data();
-          for (int64_t r = 0; r < segments; ++r) {
-            start_arg_row(acc + r * inner, pos + r * inner, base, r);
-          }
-          arg_rows<R>(acc, pos, base, nullptr, segment_of.data(), 0, f.size, inner);
-          store_arg(arg + o * slab, pos, slab);
-        } else {
-          std::fill(acc, acc + slab, acc_t(0));
-          add_rows(acc, base, nullptr, segment_of.data(), 0, f.size, inner);
+    std::vector<int64_t> segment_of(size, -1);  // source row -> its segment
+    std::vector<int64_t> members(segments);
+    int64_t assigned = 0;
+    bool exact = true;  // every source row in exactly one segment
+    for (int64_t r = 0; r < segments && exact; ++r) {
+      const int64_t end = hi(r);
+      members[r] = end - lo(r);
+      for (int64_t k = lo(r); k < end; ++k) {
+        const int64_t m = member(k);
+        if (!in_rows(m, size) || segment_of[m] >= 0) {
+          exact = false;
+          break;
         }
-        if (widen || R == Reduce::Mean) {
-          for (int64_t r = 0; r < segments; ++r) {
-            store_row(out_slab + r * inner, acc + r * inner, inner, divisor(r));
-          }
-        }
+        segment_of[m] = r;
+        ++assigned;
       }
-    });
-    return;
+    }
+    if (exact && assigned == size) {
+      at::parallel_for(0, f.outer, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> buffer(widen ? slab : 0);
+        std::vector<pos_t> positions(arg_reduce ? slab : 0);
+        for (int64_t o = begin; o < end; ++o) {
+          scalar_t* out_slab = out + o * slab;
+          acc_t* acc = widen ? buffer.data() : reinterpret_cast<acc_t*>(out_slab);
+          const scalar_t* base = src + o * size * inner;
+          if constexpr (arg_reduce) {
+            pos_t* pos = positions.data();
+            for (int64_t r = 0; r < segments; ++r) {
+              start_arg_row(acc + r * inner, pos + r * inner, base, r);
+            }
+            arg_rows<R>(acc, pos, base, nullptr, segment_of.data(), 0, size, inner, size);
+            store_arg(arg + o * slab, pos, slab);
+          } else {
+            std::fill(acc, acc + slab, acc_t(0));
+            add_rows(acc, base, nullptr, segment_of.data(), 0, size, inner, size);
+          }
+          if (widen || R == Reduce::Mean) {
+            for (int64_t r = 0; r < segments; ++r) {
+              store_row(out_slab + r * inner, acc + r * inner, inner, divisor(members[r]));
+            }
+          }
+        }
+      });
+      return;
+    }
   }
 
   const int64_t total = f.outer * segments;
@@ -193,22 +229,24 @@ void segment_rows(const scalar_t* src, const int64_t* perm, const int64_t* ptr, 
         for (int64_t row = begin; row < end; ++row) {
           const int64_t o = row / segments;
           const int64_t r = row - o * segments;
-          const scalar_t* base = src + o * f.size * inner;
+          const scalar_t* base = src + o * size * inner;
           scalar_t* dst = out + row * inner;
           acc_t* acc = widen ? buffer.data() : reinterpret_cast<acc_t*>(dst);
+          const int64_t stop = hi(r);
+          int64_t folded = 0;
           if constexpr (arg_reduce) {
             pos_t* pos = positions.data();
-            start_arg_row(acc, pos, base, r);
-            const int64_t k = ptr[r] + 1;
-            arg_rows<R>(acc, pos, base, perm ? perm + k : nullptr, nullptr, k, ptr[r + 1] - k,
-                        inner);
+            const int64_t k = start_arg_row(acc, pos, base, r);
+            arg_rows<R>(acc, pos, base, perm ? perm + k : nullptr, nullptr, k, stop - k, inner,
+                        size);
             store_arg(arg + row * inner, pos, inner);
           } else {
             std::fill(acc, acc + inner, acc_t(0));
-            add_rows(acc, base, perm ? perm + ptr[r] : nullptr, nullptr, ptr[r],
-                     ptr[r + 1] - ptr[r], inner);
+            const int64_t k = lo(r);
+            folded = add_rows(acc, base, perm ? perm + k : nullptr, nullptr, k, stop - k, inner,
+                              size);
           }
-          if (widen || R == Reduce::Mean) store_row(dst, acc, inner, divisor(r));
+          if (widen || R == Reduce::Mean) store_row(dst, acc, inner, divisor(folded));
         }
       });
 }
@@ -225,8 +263,9 @@ void segment_dispatch(const scalar_t* src, const int64_t* perm, const int64_t* p
 }
 
 void check_csr_tensors(const at::Tensor& src, const std::optional<at::Tensor>& perm,
-                       const at::Tensor& ptr, const char* op) {
+                       const at::Tensor& ptr, int64_t rows, const char* op) {
   check_index_tensor(ptr, op, "ptr");
+  check_csr_shapes(ptr, perm, rows, op);
   TORCH_CHECK_VALUE(ptr.device() == src.device(), op, ": ptr is on ", ptr.device(),
                     " but src is on ", src.device());
   if (perm.has_value()) {
@@ -273,7 +312,7 @@ at::Tensor segment_arg_scatter_cpu(const at::Tensor& grad, const at::Tensor& arg
         scalar_t* slab = o + (row / segments) * size * inner;
         for (int64_t j = 0; j < inner; ++j) {
           const int64_t m = a[row * inner + j];
-          if (m >= 0 && m < size) slab[m * inner + j] = g[row * inner + j];
+          if (in_rows(m, size)) slab[m * inner + j] = g[row * inner + j];
         }
       }
     });
@@ -288,8 +327,8 @@ std::tuple<at::Tensor, at::Tensor> segment_reduce_cpu_impl(const at::Tensor& src
                                                            const at::Tensor& ptr, int64_t dim,
                                                            Reduce reduce, bool check,
                                                            const char* op) {
-  check_csr_tensors(src, perm, ptr, op);
   const Fold f = fold_at(src, dim);
+  check_csr_tensors(src, perm, ptr, f.size, op);
   if (check) check_csr(ptr, perm, f.size, op, dim);
 
   const int64_t segments = ptr.numel() - 1;

@@ -5,7 +5,8 @@
 // The kernel works on rows of the folded view [outer, size, inner]: a block is
 // blockDim.x threads across a row (the contiguous inner dimension, in vector
 // units) times blockDim.y rows, and a grid-stride loop walks the rows, so any
-// row count works with a capped grid. All offsets are int64.
+// row count works with a capped grid. All offsets are int64. An index outside [0, N)
+// (possible only with check=False) writes a zero row: nothing outside the tensors is read.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -31,8 +32,13 @@ __global__ void __launch_bounds__(kThreads)
        row += stride) {
     const int64_t o = outer == 1 ? 0 : row / M;  // skip the int64 division when dim == 0
     const int64_t m = row - o * M;
-    const vec_t* s = src + (o * N + static_cast<int64_t>(index[m])) * width;
+    const int64_t i = static_cast<int64_t>(index[m]);
     vec_t* d = out + row * width;
+    if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(N)) {
+      for (int64_t c = threadIdx.x; c < width; c += blockDim.x) d[c] = vec_t{};
+      continue;
+    }
+    const vec_t* s = src + (o * N + i) * width;
     for (int64_t c = threadIdx.x; c < width; c += blockDim.x) d[c] = s[c];
   }
 }

@@ -63,6 +63,7 @@ std::tuple<at::Tensor, at::Tensor> segment_reduce_cuda_impl(const at::Tensor& sr
   check_float_dtype(src, op, "src");
   const c10::cuda::CUDAGuard guard(src.device());
   const Fold f = fold_at(src, dim);
+  check_csr_shapes(ptr, perm, f.size, op);
   if (check) check_csr(ptr, perm, f.size, op, dim);
 
   const int64_t segments = ptr.numel() - 1;

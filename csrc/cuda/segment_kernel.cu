@@ -9,6 +9,11 @@
 // elements) times blockDim.y rows, and a grid-stride loop walks the rows, so any row count
 // works with a capped grid. A thread reduces its VEC columns over the segment's members
 // sequentially, in CSR order: deterministic, no atomics. All offsets are int64.
+//
+// Memory safety without checks (as the CPU kernel): segment r covers the entries
+// [lo, hi) with lo = clamp(ptr[r], 0, size), hi = clamp(ptr[r+1], lo, size), and a perm
+// entry outside [0, size) takes part in nothing (a mean divides by the members it folded
+// in). A valid CSR reads exactly as before.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -28,6 +33,11 @@ using fastcore_cuda::row_launch;
 
 using fastcore_cuda::Acc;
 using fastcore_cuda::Pack;
+
+// Whether m names a source row of [0, size).
+__device__ __forceinline__ bool in_rows(int64_t m, int64_t size) {
+  return static_cast<uint64_t>(m) < static_cast<uint64_t>(size);
+}
 
 // ---------------------------------------------------------------------------
 // segment_reduce: out[o, r, :] = reduce_{k in [ptr[r], ptr[r+1])} src[o, perm ? perm[k] : k, :]
@@ -50,24 +60,33 @@ __global__ void __launch_bounds__(kThreads)
        row += stride) {
     const int64_t o = outer == 1 ? 0 : row / segments;  // skip the int64 division when dim == 0
     const int64_t r = row - o * segments;
-    const int64_t begin = ptr[r];
-    const int64_t end = ptr[r + 1];
+    const int64_t begin = min(max(ptr[r], int64_t(0)), size);
+    const int64_t end = min(max(ptr[r + 1], begin), size);
     const pack_t* base = reinterpret_cast<const pack_t*>(src + o * size * inner);
     pack_t* dst = reinterpret_cast<pack_t*>(out + row * inner);
     for (int64_t c = threadIdx.x; c < width; c += blockDim.x) {
       acc_t acc[VEC];
       if constexpr (arg_reduce) {
         arg_pack_t idx;
-        if (begin == end) {
+        // The first member in range starts the row (0 and the position `size` when
+        // there is none); a later one replaces it only when strictly better or NaN over
+        // a non-NaN, so ties keep the first and the first NaN wins.
+        int64_t k = begin;
+        int64_t first = size;
+        for (; k < end; ++k) {
+          const int64_t m = perm ? perm[k] : k;
+          if (in_rows(m, size)) {
+            first = m;
+            break;
+          }
+        }
+        if (first == size) {
 #pragma unroll
           for (int i = 0; i < VEC; ++i) {
             acc[i] = acc_t(0);
             idx.v[i] = size;
           }
         } else {
-          // Start from the first member; a later one replaces it only when strictly
-          // better or NaN over a non-NaN, so ties keep the first and the first NaN wins.
-          const int64_t first = perm ? perm[begin] : begin;
           const pack_t v0 = base[first * width + c];
 #pragma unroll
           for (int i = 0; i < VEC; ++i) {
@@ -75,8 +94,9 @@ __global__ void __launch_bounds__(kThreads)
             idx.v[i] = first;
           }
 #pragma unroll 4
-          for (int64_t k = begin + 1; k < end; ++k) {
+          for (++k; k < end; ++k) {
             const int64_t m = perm ? perm[k] : k;
+            if (!in_rows(m, size)) continue;
             const pack_t v = base[m * width + c];
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
@@ -95,15 +115,18 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int i = 0; i < VEC; ++i) acc[i] = acc_t(0);
         // Sequential in k (deterministic); unrolling only lets the loads overlap.
+        int64_t folded = 0;
 #pragma unroll 4
         for (int64_t k = begin; k < end; ++k) {
           const int64_t m = perm ? perm[k] : k;
+          if (!in_rows(m, size)) continue;
           const pack_t v = base[m * width + c];
 #pragma unroll
           for (int i = 0; i < VEC; ++i) acc[i] += A::load(v.v[i]);
+          ++folded;
         }
-        if (R == FASTCORE_SEGMENT_MEAN && end > begin) {
-          const acc_t count = static_cast<acc_t>(end - begin);
+        if (R == FASTCORE_SEGMENT_MEAN && folded > 0) {
+          const acc_t count = static_cast<acc_t>(folded);
 #pragma unroll
           for (int i = 0; i < VEC; ++i) acc[i] = acc[i] / count;
         }
@@ -187,7 +210,7 @@ __global__ void __launch_bounds__(kThreads)
     bits_t* slab = out + o * size * inner;
     for (int64_t j = threadIdx.x; j < inner; j += blockDim.x) {
       const int64_t m = a[j];
-      if (m >= 0 && m < size) slab[m * inner + j] = g[j];
+      if (in_rows(m, size)) slab[m * inner + j] = g[j];
     }
   }
 }

@@ -8,7 +8,7 @@ from fastcore.ops.graph import Graph
 from fastcore.ops.kv_project import kv_distill_loss, kv_project
 from fastcore.ops.linear_norm_residual import linear_norm_residual
 from fastcore.ops.resample import Resample, build_safe_linear_indices, safe_time_resample
-from fastcore.ops.segment import scatter, segment, segment_csr
+from fastcore.ops.segment import scatter, scatter_arg, segment, segment_csr
 from fastcore.ops.spmm import spmm
 from fastcore.ops.time_conv import time_conv
 
@@ -25,6 +25,7 @@ __all__ = [
     "linear_norm_residual",
     "safe_time_resample",
     "scatter",
+    "scatter_arg",
     "segment",
     "segment_csr",
     "spmm",

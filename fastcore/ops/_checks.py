@@ -14,6 +14,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def normalize_dim(dim: int, ndim: int, op: str) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{op}: dim must be an int, got {dim!r} ({type(dim).__name__})")
     if not -ndim <= dim < ndim:
         raise IndexError(f"{op}: dim {dim} is out of range for a tensor of {ndim} dimensions")
     return dim % ndim
@@ -98,3 +100,49 @@ def check_csr(ptr: torch.Tensor, perm: torch.Tensor | None, rows: int, op: str, 
                 raise ValueError(
                     f"{op}: perm must be a permutation of 0..{rows - 1}, but a value repeats {most} times"
                 )
+
+
+# Under torch.compile a value check cannot run in traced Python (it reads the data). These
+# operators run it inside the compiled graph, with eager's message: each returns a copy of
+# its first input that the caller goes on with, so the check is ordered before the
+# kernel that reads the values and is never dropped as dead code.
+@torch.library.custom_op("fastcore::checked_index", mutates_args=())
+def _checked_index(index: torch.Tensor, bound: int, op: str, name: str, dim: int) -> torch.Tensor:
+    check_index_range(index, bound, op, name, dim)
+    return index.clone()
+
+
+@torch.library.custom_op("fastcore::checked_csr", mutates_args=())
+def _checked_csr(
+    ptr: torch.Tensor, perm: torch.Tensor | None, rows: int, op: str, dim: int
+) -> torch.Tensor:
+    check_csr(ptr, perm, rows, op, dim)
+    return ptr.clone()
+
+
+@_checked_index.register_fake
+def _checked_index_fake(index, bound, op, name, dim):
+    return torch.empty_like(index)
+
+
+@_checked_csr.register_fake
+def _checked_csr_fake(ptr, perm, rows, op, dim):
+    return torch.empty_like(ptr)
+
+
+def index_in_range(index: torch.Tensor, bound: int, op: str, name: str, dim: int) -> torch.Tensor:
+    """``index`` after :func:`check_index_range`, eager or compiled (same error either way)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.fastcore.checked_index(index, bound, op, name, dim)
+    check_index_range(index, bound, op, name, dim)
+    return index
+
+
+def csr_in_range(
+    ptr: torch.Tensor, perm: torch.Tensor | None, rows: int, op: str, dim: int
+) -> torch.Tensor:
+    """``ptr`` after :func:`check_csr`, eager or compiled (same error either way)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.fastcore.checked_csr(ptr, perm, rows, op, dim)
+    check_csr(ptr, perm, rows, op, dim)
+    return ptr

@@ -28,6 +28,7 @@ from fastcore.ops._checks import (
     check_dtype,
     check_index_range,
     check_index_tensor,
+    index_in_range,
     normalize_dim,
 )
 from fastcore.ops._csr import index_csr, segment_of
@@ -179,8 +180,8 @@ def gather(
     check_index_tensor(index, src, "gather", "index")
     backend = _backend.resolve("gather", src.device)
     if backend == "reference":
-        if check and not torch.compiler.is_compiling():
-            check_index_range(index, src.shape[dim], "gather", "index", dim)
+        if check:
+            index = index_in_range(index, src.shape[dim], "gather", "index", dim)
         return reference.gather(src, index, dim)
     op = torch.ops.fastcore.gather_triton if backend == "triton" else torch.ops.fastcore.gather
     return op(src, index, dim, check)
@@ -231,8 +232,8 @@ def gather_add(
         )
     backend = _backend.resolve("gather_add", src.device)
     if backend == "reference":
-        if check and not torch.compiler.is_compiling():
-            check_index_range(index, src.shape[dim], "gather_add", "index", dim)
+        if check:
+            index = index_in_range(index, src.shape[dim], "gather_add", "index", dim)
         return base + reference.gather(src, index, dim)
     op = (
         torch.ops.fastcore.gather_add_triton

@@ -280,6 +280,8 @@ def _parameters(head_mix, dim_proj, bias, kv0: torch.Tensor, grouped: bool, op: 
     ht, dt = kv0.shape[1], kv0.shape[3]
     _check_float(head_mix, "head_mix", op)
     _check_float(dim_proj, "dim_proj", op)
+    if bias is not None:
+        _check_float(bias, "bias", op)
     if not grouped:
         head_mix, dim_proj = head_mix[None], dim_proj[None]
         bias = None if bias is None else bias[None]

@@ -82,18 +82,27 @@ def safe_time_resample(
     """
     check_dtype(x, FLOAT_DTYPES, "safe_time_resample")
     dim = normalize_dim(dim, x.dim(), "safe_time_resample")
-    index = torch.as_tensor(indices)
+    try:
+        index = torch.as_tensor(indices)
+    except (RuntimeError, OverflowError):  # a Python int beyond int64: clamped like any other
+        index = torch.as_tensor(indices, dtype=torch.float64)
     if index.dim() != 1:
         raise ValueError(f"safe_time_resample: indices must be 1-D, got shape {tuple(index.shape)}")
     if index.is_complex() or index.dtype == torch.bool:
         raise TypeError(f"safe_time_resample: indices must be real numbers, got {index.dtype}")
-    index = index.to(device=x.device).long()
+    index = index.to(device=x.device)
     steps = x.shape[dim]
     shape = list(x.shape)
     shape[dim] = index.numel()
     if steps == 0:
         return x.new_zeros(shape) + x.sum() * 0  # zeros, still connected to x's graph
-    return gather(x, index.clamp(0, steps - 1), dim, check=False)
+    if index.is_floating_point():
+        # Clamped as floats, then truncated: +inf, 1e30 and values past int64 go to the
+        # last step, -inf to the first. NaN names no step.
+        if not torch.compiler.is_compiling() and bool(index.isnan().any()):
+            raise ValueError("safe_time_resample: indices contain NaN; expected real step numbers")
+        index = index.clamp(0, steps - 1)
+    return gather(x, index.long().clamp(0, steps - 1), dim, check=False)
 
 
 class Resample:
@@ -204,11 +213,19 @@ class Resample:
         """General rows: student step s is ``sum weight[k] * x[idx[k]]`` over
         ``k in [ptr[s], ptr[s+1])`` (``ptr [Ts+1]``, ``idx`` and ``weight [E]``)."""
         ptr = torch.as_tensor(ptr)
-        idx = torch.as_tensor(idx, dtype=torch.long, device=ptr.device)
+        idx = torch.as_tensor(idx, device=ptr.device)
+        if idx.numel() == 0 and idx.is_floating_point():  # an empty list
+            idx = idx.long()
+        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise TypeError(
+                f"Resample.segments: idx must hold integer source steps, got {idx.dtype}"
+            )
         weight = torch.as_tensor(weight, device=ptr.device)
+        if weight.is_complex():
+            raise TypeError(f"Resample.segments: weight must be real, got {weight.dtype}")
         if not weight.is_floating_point():
             weight = weight.double()
-        return cls(ptr, idx, weight, t_src)
+        return cls(ptr, idx.long(), weight, t_src)
 
     @classmethod
     def from_offsets(cls, teacher_offsets, student_offsets) -> Resample:
@@ -216,8 +233,8 @@ class Resample:
         character spans overlap its own (``offsets [T, 2]`` of ``(start, end)``, end
         exclusive, as tokenizers' ``offset_mapping`` gives). A student token that overlaps
         no teacher token (an empty span, a special token) gets an empty row: zeros."""
-        teacher = torch.as_tensor(teacher_offsets, dtype=torch.long).reshape(-1, 2)
-        student = torch.as_tensor(student_offsets, dtype=torch.long).reshape(-1, 2)
+        teacher = _offsets(teacher_offsets, "teacher_offsets")
+        student = _offsets(student_offsets, "student_offsets")
         t_start, t_end = teacher[:, 0], teacher[:, 1]
         s_start, s_end = student[:, 0:1], student[:, 1:2]
         overlap = (t_start < s_end) & (s_start < t_end) & (t_start < t_end) & (s_start < s_end)
@@ -262,6 +279,26 @@ class Resample:
 
 
 _IDENTITY_CACHE: dict[tuple[int, torch.device], Resample] = {}
+
+
+def _offsets(offsets, name: str) -> torch.Tensor:
+    """A tokenizer's offset map as int64 ``[T, 2]``; anything else is an error naming it."""
+    t = torch.as_tensor(offsets)
+    if t.numel() == 0:
+        t = t.reshape(0, 2).long()
+    if t.dim() != 2 or t.shape[1] != 2:
+        hint = (
+            " (one example's offsets: a batch's must be resampled per example)"
+            if t.dim() == 3
+            else ""
+        )
+        raise ValueError(
+            f"Resample.from_offsets: {name} must be [T, 2] (start, end) pairs{hint}, "
+            f"got shape {tuple(t.shape)}"
+        )
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"Resample.from_offsets: {name} must be integers, got {t.dtype}")
+    return t.long()
 
 
 def _identity(steps: int, device: torch.device) -> Resample:

@@ -22,11 +22,12 @@ from fastcore.ops._checks import (
     FLOAT_DTYPES,
     check_csr,
     check_dtype,
-    check_index_range,
     check_index_tensor,
+    csr_in_range,
+    index_in_range,
     normalize_dim,
 )
-from fastcore.ops._csr import index_csr, segment_of
+from fastcore.ops._csr import index_csr, segment_counts, segment_of
 
 _backend.register_op(
     "segment", ("reference", "cpu", "triton", "cuda"), gpu_order=("cuda", "triton")
@@ -50,6 +51,7 @@ def _segment_reduce_triton(
     check: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_reduce(reduce, "segment_reduce")
+    _check_csr_shapes(src, perm, ptr, dim, "segment_reduce")
     if check:
         check_csr(ptr, perm, src.shape[dim], "segment_reduce", dim)
     from fastcore.kernels import segment as kernels
@@ -106,12 +108,13 @@ def _register_family(reduce_name: str, arg_scatter_name: str, gather_name: str) 
         if ctx.reduce in ("max", "min"):
             grad_src = arg_scatter_op(grad, arg, ctx.dim, ctx.size)
         else:
+            rows = segment_of(perm, ptr, ctx.size)
             if ctx.reduce == "mean":
-                count = ptr.diff().clamp(min=1).to(grad.dtype)
+                count = segment_counts(rows, ptr.shape[0] - 1).clamp(min=1).to(grad.dtype)
                 shape = [1] * grad.dim()
                 shape[ctx.dim] = count.numel()
                 grad = grad / count.view(shape)
-            grad_src = gather_op(grad, segment_of(perm, ptr, ctx.size), ctx.dim, False)
+            grad_src = gather_op(grad, rows, ctx.dim, False)
         return grad_src, None, None, None, None, None
 
     def arg_scatter_setup(ctx, inputs, output):
@@ -134,6 +137,20 @@ if _backend._C is not None:
     _register_family("segment_reduce", "segment_arg_scatter", "gather")
 
 
+def _check_csr_shapes(src, perm, ptr, dim, op):
+    """The CSR checks that read no values (they run with check=False too): with them,
+    the kernels stay inside the tensors whatever the values are."""
+    if ptr.dim() != 1 or ptr.shape[0] < 1:
+        raise ValueError(
+            f"{op}: ptr must be 1-D with at least one entry, got shape {tuple(ptr.shape)}"
+        )
+    if perm is not None and (perm.dim() != 1 or perm.shape[0] != src.shape[dim]):
+        raise ValueError(
+            f"{op}: perm must be 1-D of length {src.shape[dim]} (the rows along dimension "
+            f"{dim}), got shape {tuple(perm.shape)}"
+        )
+
+
 def _segment_reduce(
     src: torch.Tensor,
     perm: Optional[torch.Tensor],
@@ -142,16 +159,17 @@ def _segment_reduce(
     reduce: str,
     check: bool,
     op: str,
-) -> torch.Tensor:
-    """Run the chosen backend on a CSR whose static properties are already checked."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the chosen backend on a CSR whose static properties are already checked:
+    ``(out, arg)``, arg as documented for :func:`scatter_arg` (max/min), else empty."""
     backend = _backend.resolve("segment", src.device)
     if backend == "reference":
-        if check and not torch.compiler.is_compiling():
-            check_csr(ptr, perm, src.shape[dim], op, dim)
-        return reference.segment_reduce(src, perm, ptr, dim, reduce)[0]
+        if check:
+            ptr = csr_in_range(ptr, perm, src.shape[dim], op, dim)
+        return reference.segment_reduce(src, perm, ptr, dim, reduce)
     if backend == "triton":
-        return torch.ops.fastcore.segment_reduce_triton(src, perm, ptr, dim, reduce, check)[0]
-    return torch.ops.fastcore.segment_reduce(src, perm, ptr, dim, reduce, check)[0]
+        return torch.ops.fastcore.segment_reduce_triton(src, perm, ptr, dim, reduce, check)
+    return torch.ops.fastcore.segment_reduce(src, perm, ptr, dim, reduce, check)
 
 
 def segment_csr(
@@ -193,7 +211,8 @@ def segment_csr(
     check_index_tensor(ptr, src, "segment", "ptr")
     if perm is not None:
         check_index_tensor(perm, src, "segment", "perm")
-    return _segment_reduce(src, perm, ptr, dim, reduce, check, "segment")
+    _check_csr_shapes(src, perm, ptr, dim, "segment")
+    return _segment_reduce(src, perm, ptr, dim, reduce, check, "segment")[0]
 
 
 def segment(
@@ -287,23 +306,58 @@ def scatter(
             ...
         IndexError: scatter: index value 5 is out of range for dimension 0 of size 4
     """
-    check_dtype(src, FLOAT_DTYPES, "scatter")
-    _check_reduce(reduce, "scatter")
-    dim = normalize_dim(dim, src.dim(), "scatter")
-    check_index_tensor(index, src, "scatter", "index")
+    return _scatter(src, index, dim, dim_size, reduce, check, "scatter")[0]
+
+
+def scatter_arg(
+    src: torch.Tensor,
+    index: torch.Tensor,
+    dim: int = -2,
+    dim_size: Optional[int] = None,
+    reduce: str = "max",
+    *,
+    check: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`scatter` with ``reduce="max" | "min"`` and the position of each extreme.
+
+    Args: as for :func:`scatter`; ``reduce`` is ``"max"`` or ``"min"``.
+
+    Returns:
+        ``(out, arg)``, both ``[*lead, dim_size, *trail]``: ``out`` as :func:`scatter`
+        gives it, ``arg`` (int64, not differentiable) the position along ``dim`` in ``src``
+        of the first element attaining each extreme (NaN counts as the extreme), and
+        ``src.size(dim)`` for a slot no row maps to (torch_scatter's convention).
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import ops
+        >>> src = torch.tensor([[1.0], [5.0], [3.0], [5.0]])
+        >>> out, arg = ops.scatter_arg(src, torch.tensor([0, 1, 0, 1]), dim=0, dim_size=3)
+        >>> out.flatten().tolist(), arg.flatten().tolist()  # ties go to the first; slot 2 is empty
+        ([3.0, 5.0, 0.0], [2, 1, 4])
+    """
+    if reduce not in ("max", "min"):
+        raise ValueError(f"scatter_arg: reduce must be 'max' or 'min'; got {reduce!r}")
+    return _scatter(src, index, dim, dim_size, reduce, check, "scatter_arg")
+
+
+def _scatter(src, index, dim, dim_size, reduce, check, op):
+    check_dtype(src, FLOAT_DTYPES, op)
+    _check_reduce(reduce, op)
+    dim = normalize_dim(dim, src.dim(), op)
+    check_index_tensor(index, src, op, "index")
     if index.shape[0] != src.shape[dim]:
         raise ValueError(
-            f"scatter: index has {index.shape[0]} entries but src has {src.shape[dim]} rows "
+            f"{op}: index has {index.shape[0]} entries but src has {src.shape[dim]} rows "
             f"along dimension {dim}"
         )
     if dim_size is None:
         dim_size = int(index.max()) + 1 if index.numel() else 0
     elif not isinstance(dim_size, int) or dim_size < 0:
-        raise ValueError(f"scatter: dim_size must be a non-negative int, got {dim_size!r}")
-    # Under torch.compile the index check cannot run here; the operator then validates
-    # the CSR built from it, whose ptr[0] / ptr[-1] count the values out of range.
-    check_in_op = check and torch.compiler.is_compiling()
-    if check and not check_in_op:
-        check_index_range(index, dim_size, "scatter", "index", dim)
+        raise ValueError(f"{op}: dim_size must be a non-negative int, got {dim_size!r}")
+    if check:
+        index = index_in_range(index, dim_size, op, "index", dim)
+    # index_csr's CSR is valid by construction: values out of range (check=False) fall
+    # before ptr[0] or from ptr[-1] on, in no segment.
     perm, ptr = index_csr(index, dim_size)
-    return _segment_reduce(src, perm, ptr, dim, reduce, check_in_op, "scatter")
+    return _segment_reduce(src, perm, ptr, dim, reduce, False, op)

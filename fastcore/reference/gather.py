@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import torch
 
+from fastcore.reference.segment import segment_reduce
+
 
 def gather(src: torch.Tensor, index: torch.Tensor, dim: int = -2) -> torch.Tensor:
-    """``src.index_select(dim, index)``; autograd by PyTorch (``index_add_``)."""
-    return src.index_select(dim, index.long())
+    """``src.index_select(dim, index)``; autograd by PyTorch (``index_add_``). An index
+    outside ``[0, src.size(dim)]`` (possible only with ``check=False``) reads a zero row, as
+    in the kernels."""
+    dim = dim % src.dim()
+    index = index.long()
+    valid = (index >= 0) & (index < src.size(dim))
+    if src.size(dim) == 0:  # every index is out of range: zeros, still in src's graph
+        shape = list(src.shape)
+        shape[dim] = index.numel()
+        return src.new_zeros(shape) + src.sum() * 0
+    rows = src.index_select(dim, torch.where(valid, index, 0))
+    shape = [1] * src.dim()
+    shape[dim] = index.numel()
+    return torch.where(valid.view(shape), rows, torch.zeros((), dtype=src.dtype, device=src.device))
 
 
 def csr_sum(
@@ -19,15 +33,4 @@ def csr_sum(
     the rows in segment order; ``ptr`` has one entry more than there are segments. Sums
     accumulate in float32 for half types, like the kernels.
     """
-    dim = dim % src.dim()
-    rows = src if perm is None else src.index_select(dim, perm.long())
-    ptr = ptr.long()
-    segment_of_row = torch.repeat_interleave(
-        torch.arange(ptr.numel() - 1, device=src.device), ptr.diff(), output_size=rows.size(dim)
-    )
-    acc_dtype = torch.float32 if src.dtype in (torch.float16, torch.bfloat16) else src.dtype
-    shape = list(src.shape)
-    shape[dim] = ptr.numel() - 1
-    out = torch.zeros(shape, dtype=acc_dtype, device=src.device)
-    out = out.index_add(dim, segment_of_row, rows.to(acc_dtype))
-    return out.to(src.dtype)
+    return segment_reduce(src, perm, ptr, dim, "sum")[0]

@@ -110,15 +110,21 @@ def segment_reduce(
     took (``src.size(dim)`` for an empty segment), and is an empty int64 tensor otherwise."""
     dim = dim % src.dim()
     segments = ptr.numel() - 1
-    ptr = ptr.long()
-    position = torch.arange(src.size(dim), device=src.device)
+    size = src.size(dim)
+    # As the kernels read it: ptr clamped to [0, size] (and non-decreasing), perm entries
+    # outside [0, size) in no segment. A valid CSR is unchanged by both.
+    ptr = torch.cummax(ptr.long().clamp(0, size), 0).values
+    position = torch.arange(size, device=src.device)
     entry_segment = torch.searchsorted(ptr, position, right=True) - 1
     # CSR entries before ptr[0] or from ptr[-1] on go to an extra slot, dropped below.
     outside = (entry_segment < 0) | (entry_segment >= segments)
     entry_segment = torch.where(outside, segments, entry_segment)
     index = entry_segment
     if perm is not None:  # row perm[k] is the k-th entry
-        index = torch.empty_like(entry_segment).scatter_(0, perm.long(), entry_segment)
+        perm = perm.long()
+        target = torch.where((perm >= 0) & (perm < size), perm, size)
+        index = torch.full((size + 1,), segments, dtype=torch.int64, device=src.device)
+        index = index.scatter(0, target, entry_segment)[:size]
     out = scatter(src, index, dim, segments + 1, reduce).narrow(dim, 0, segments)
     if reduce not in ("max", "min"):
         return out, torch.empty(0, dtype=torch.int64, device=src.device)
