@@ -69,6 +69,32 @@ def first_true(mask: torch.Tensor) -> int:
 NORMALIZATIONS = ("none", "mean", "sym")
 
 
+def check_edge_index(ei: torch.Tensor, num_nodes: int) -> None:
+    """IndexError naming the first edge (and its end) outside ``[0, num_nodes)``."""
+    if not ei.shape[1]:
+        return
+    bad = (ei < 0) | (ei >= num_nodes)
+    if bool(bad.any()):
+        e = first_true(bad.any(0))
+        end = 0 if bool(bad[0, e]) else 1
+        v = int(ei[end, e])
+        relation = "< 0" if v < 0 else f">= num_nodes {num_nodes}"
+        raise IndexError(
+            f"Graph: edge index {v} {relation} (edge {e}, {('source', 'target')[end]})"
+        )
+
+
+@torch.library.custom_op("fastcore::checked_edge_index", mutates_args=())
+def _checked_edge_index(edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    check_edge_index(edge_index, num_nodes)
+    return edge_index.clone()
+
+
+@_checked_edge_index.register_fake
+def _checked_edge_index_fake(edge_index, num_nodes):
+    return torch.empty_like(edge_index)
+
+
 class Graph:
     """A directed graph over ``num_nodes`` nodes for :func:`fastcore.ops.spmm`, validated
     once, with the sparse layouts every convolution needs computed once.
@@ -115,16 +141,10 @@ class Graph:
         if ei.dim() != 2 or ei.shape[0] != 2:
             raise ValueError(f"Graph: edge_index must have shape [2, E], got {tuple(ei.shape)}")
         n = int(num_nodes)
-        if ei.shape[1]:
-            bad = (ei < 0) | (ei >= n)
-            if bool(bad.any()):
-                e = first_true(bad.any(0))
-                end = 0 if bool(bad[0, e]) else 1
-                v = int(ei[end, e])
-                relation = "< 0" if v < 0 else f">= num_nodes {n}"
-                raise IndexError(
-                    f"Graph: edge index {v} {relation} (edge {e}, {('source', 'target')[end]})"
-                )
+        if torch.compiler.is_compiling():  # the same check, run inside the compiled graph
+            ei = torch.ops.fastcore.checked_edge_index(ei, n)
+        else:
+            check_edge_index(ei, n)
         if edge_attr is not None:
             if (
                 not isinstance(edge_attr, torch.Tensor)

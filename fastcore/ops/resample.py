@@ -63,6 +63,23 @@ def build_safe_linear_indices(
     return idx0, idx1, frac
 
 
+def _check_steps(index: torch.Tensor) -> None:
+    if bool(index.isnan().any()):
+        raise ValueError("safe_time_resample: indices contain NaN; expected real step numbers")
+
+
+@torch.library.custom_op("fastcore::checked_steps", mutates_args=())
+def _checked_steps(index: torch.Tensor) -> torch.Tensor:
+    """_check_steps inside a compiled graph (same error as eager)."""
+    _check_steps(index)
+    return index.clone()
+
+
+@_checked_steps.register_fake
+def _checked_steps_fake(index):
+    return torch.empty_like(index)
+
+
 def safe_time_resample(
     x: torch.Tensor, indices: torch.Tensor | Sequence[int], dim: int = 2
 ) -> torch.Tensor:
@@ -99,8 +116,10 @@ def safe_time_resample(
     if index.is_floating_point():
         # Clamped as floats, then truncated: +inf, 1e30 and values past int64 go to the
         # last step, -inf to the first. NaN names no step.
-        if not torch.compiler.is_compiling() and bool(index.isnan().any()):
-            raise ValueError("safe_time_resample: indices contain NaN; expected real step numbers")
+        if torch.compiler.is_compiling():
+            index = torch.ops.fastcore.checked_steps(index)
+        else:
+            _check_steps(index)
         index = index.clamp(0, steps - 1)
     return gather(x, index.long().clamp(0, steps - 1), dim, check=False)
 

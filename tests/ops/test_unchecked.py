@@ -179,6 +179,18 @@ def test_compiled_errors_match_eager(device, backend):
             ValueError,
             r"ptr\[-1\] must equal the size 4 of dimension 1, got 5",
         ),
+        (
+            lambda s, i: ops.spmm(s, torch.stack([i, i.flip(0)]), dim=1),
+            [0, 7, 1],
+            IndexError,
+            r"Graph: edge index 7 >= num_nodes 4 \(edge 1, source\)",
+        ),
+        (
+            lambda s, i: ops.safe_time_resample(s, i.double() / 0, 1),
+            [0, 1],
+            ValueError,
+            "indices contain NaN",
+        ),
     ]
     with use_backend(backend):
         for fn, index, error, message in cases:
