@@ -1,4 +1,4 @@
-"""Compile every Triton kernel in ``kernels/`` for a GPU ahead of time, on a machine without one.
+"""Compile every Triton kernel in ``fastcore/kernels/`` for a GPU ahead of time, on a machine without one.
 
 The interpreter (``TRITON_INTERPRET=1``, how the suite runs the kernels on a CPU) never
 lowers a kernel to the GPU: a kernel that does not compile for the chip passes every CPU
@@ -16,7 +16,7 @@ reduced row counts stay above the tile height, so the specialisations compiled a
 ones the bench shapes launch. Outputs (which no kernel fills here) come from zero-filled
 allocations, so an index output stays in range for the host code that follows.
 
-Every ``@triton.jit`` function in ``kernels/`` whose name ends in ``_kernel`` is an entry
+Every ``@triton.jit`` function in ``fastcore/kernels/`` whose name ends in ``_kernel`` is an entry
 point and must be launched (and compiled) in every dtype its op accepts; helpers are
 compiled as part of the kernels that call them.
 

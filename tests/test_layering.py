@@ -3,13 +3,15 @@
 Every ``import`` counts, module level or inside a function (a lazy import still ties two
 modules together), except those under ``if TYPE_CHECKING:``. Rules (DESIGN.md, "Layer rules"):
 
-* ``kernels/`` imports nothing of the package but its own kernels; ``csrc/`` imports no
+* ``fastcore/kernels/`` imports nothing of the package but its own kernels; ``csrc/`` imports no
   Python module;
 * ``fastcore.ops`` never imports ``nn``, ``models``, ``train``, ``data`` (nor the hierarchy
   module ``fastcore.graph``, which is built on it);
 * ``fastcore.nn`` never imports ``models``, ``train`` or ``_backend``;
 * ``fastcore.models`` never imports ``train`` or ``_backend``;
 * ``fastcore.data`` never imports ``models`` or ``train``;
+* ``fastcore.compat`` (torch_scatter's API) imports ``fastcore.ops`` only: never ``nn``,
+  ``graph``, ``models``, ``train``, ``data``, ``_backend`` or ``reference``;
 * ``fastcore.reference`` is imported only by the ops (their registration and composites),
   the reference itself and ``fastcore.testing`` (the helpers of tests and benches); nothing
   in the package imports ``fastcore.testing``;
@@ -49,6 +51,12 @@ FORBIDDEN = [
     ("fastcore.data", "fastcore.models", "data never imports models"),
     ("fastcore.data", "fastcore.train", "data never imports the training layer"),
     ("fastcore.reference", "fastcore.ops", "the oracle stands alone"),
+    ("fastcore.compat", "fastcore.nn", "the torch_scatter API sits on the ops alone"),
+    ("fastcore.compat", "fastcore.graph", "the torch_scatter API sits on the ops alone"),
+    ("fastcore.compat", "fastcore.models", "the torch_scatter API sits on the ops alone"),
+    ("fastcore.compat", "fastcore.train", "the torch_scatter API sits on the ops alone"),
+    ("fastcore.compat", "fastcore.data", "the torch_scatter API sits on the ops alone"),
+    ("fastcore.compat", "fastcore._backend", "backend policy belongs to the ops"),
 ]
 REFERENCE_USERS = ("fastcore.ops", "fastcore.reference", "fastcore.testing")
 DISTRIBUTED = ("torch.distributed", "torch.nn.parallel")
@@ -58,8 +66,6 @@ EXTENSION = "fastcore._C"  # built from csrc/
 def _module_name(path: Path, root: Path) -> str:
     rel = path.relative_to(root).with_suffix("")
     parts = list(rel.parts)
-    if parts[0] == "kernels":  # installed as fastcore.kernels
-        parts = ["fastcore", *parts]
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
@@ -103,8 +109,8 @@ def _imports(
 
 def import_graph(root: Path) -> dict[str, dict[str, int]]:
     """``{module: {imported package module: first line}}`` for every module under
-    ``root/fastcore`` and ``root/kernels``, keeping only imports of modules in the tree."""
-    files = [*root.glob("fastcore/**/*.py"), *root.glob("kernels/**/*.py")]
+    ``root/fastcore``, keeping only imports of modules in the tree."""
+    files = list(root.glob("fastcore/**/*.py"))
     modules = {_module_name(p, root): p for p in files}
     known = {*modules, EXTENSION}  # the compiled extension: a module without imports
     graph: dict[str, dict[str, int]] = {}
@@ -205,10 +211,11 @@ def test_csrc_imports_no_python_module():
     assert offenders == []
 
 
-def test_nn_and_models_import_neither_backend_nor_reference():
+def test_nn_models_and_compat_import_neither_backend_nor_reference():
     graph = import_graph(ROOT)
+    assert "fastcore.compat" in graph
     for module, edges in graph.items():
-        if _under(module, "fastcore.nn") or _under(module, "fastcore.models"):
+        if any(_under(module, m) for m in ("fastcore.nn", "fastcore.models", "fastcore.compat")):
             assert not any(
                 _under(t, "fastcore._backend") or _under(t, "fastcore.reference") for t in edges
             ), module
@@ -263,6 +270,14 @@ BROKEN_TREES = {
         {"fastcore/nn/block.py": "from fastcore import _backend\n", "fastcore/_backend.py": ""},
         "backend policy belongs to the ops",
     ),
+    "the torch_scatter API picks a backend": (
+        {"fastcore/compat.py": "from fastcore import _backend\n", "fastcore/_backend.py": ""},
+        "backend policy belongs to the ops",
+    ),
+    "the torch_scatter API imports a layer": (
+        {"fastcore/compat.py": "from fastcore.nn import pooling\n", "fastcore/nn/pooling.py": ""},
+        "the torch_scatter API sits on the ops alone",
+    ),
     "a model runs the oracle": (
         {
             "fastcore/models/basin.py": "from fastcore import reference\n",
@@ -271,7 +286,10 @@ BROKEN_TREES = {
         "only tests, benches and the ops import the reference",
     ),
     "a kernel imports the ops": (
-        {"kernels/spmm.py": "from fastcore.ops import _checks\n", "fastcore/ops/_checks.py": ""},
+        {
+            "fastcore/kernels/spmm.py": "from fastcore.ops import _checks\n",
+            "fastcore/ops/_checks.py": "",
+        },
         "kernels import nothing of the package",
     ),
     "an op imports a layer": (
@@ -309,3 +327,26 @@ def test_type_checking_imports_do_not_count(tmp_path):
         },
     )
     assert violations(root) == []
+
+
+def test_the_repository_root_shadows_no_installed_package():
+    """``python -m`` and ``python -m pytest`` put the repository root first on ``sys.path``:
+    a package or module there hides an installed one of the same name. A top-level
+    ``kernels/`` once hid the PyPI ``kernels`` that transformers >= 5 imports, and every
+    transformers-backed job failed when run from the root."""
+    from importlib.metadata import packages_distributions
+
+    importable = {
+        p.stem if p.is_file() else p.name
+        for p in ROOT.iterdir()
+        if (p.is_file() and p.suffix == ".py") or (p.is_dir() and (p / "__init__.py").exists())
+    }
+    assert importable - {"setup"} == {"fastcore"}, (
+        f"importable from the repository root: {sorted(importable)}; only the fastcore "
+        "package (and setup.py) may be"
+    )
+    owners = packages_distributions()
+    clashes = {
+        name: owners[name] for name in importable if set(owners.get(name, [])) - {"fastcore"}
+    }
+    assert not clashes, f"names at the repository root hide installed distributions: {clashes}"

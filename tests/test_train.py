@@ -3,8 +3,11 @@ under torchrun with two processes, with injected NaN gradients, and every bad in
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,7 +122,8 @@ def test_example_job_end_to_end(tmp_path):
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
-    # The model has dropout: matching needs the RNG states restored, not just the data order.
+    # The model has dropout (keyed by seed, step and sample) and the data order is seeded:
+    # the checkpoint's step and data position are what the resumed run must restore.
     whole = tmp_path / "whole"
     run(config(whole))
     broken = tmp_path / "broken"
@@ -148,25 +152,32 @@ def test_leftovers_of_an_interrupted_save_are_removed(tmp_path):
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path):
-    # Without dropout: each rank draws its own masks, so only a deterministic model can
-    # match the single process exactly.
-    single = tmp_path / "single"
-    run(config(single, "model.dropout=0"))
+    # With the example's dropout as shipped (0.1): masks are keyed by (seed, step, sample
+    # index), so each rank draws for its half of the batch what the single process draws.
+    cfg = config(tmp_path / "single")
+    assert cfg.model.dropout == 0.1
+    run(cfg)
     ddp = tmp_path / "ddp"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    out = cli(ddp, "model.dropout=0", launcher=launcher)
+    out = cli(ddp, launcher=launcher)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "world 2" in out.stderr and "(16 per rank x 1 accumulation)" in out.stderr
-    assert_weights_close(final_weights(ddp), final_weights(single))
-    a, b = losses(ddp), losses(single)
-    assert a.keys() == b.keys()
+    single = final_weights(tmp_path / "single")
+    assert_weights_close(final_weights(ddp), single)
+    a, b = losses(ddp), losses(tmp_path / "single")
+    assert a.keys() == b.keys() == set(range(1, 15))
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-5)
+    # the masks matter: without dropout the same run ends elsewhere
+    run(config(tmp_path / "nodrop", "model.dropout=0"))
+    nodrop = final_weights(tmp_path / "nodrop")
+    assert max((single[k] - nodrop[k]).abs().max() for k in single) > 1e-3
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-    run(config(tmp_path / "one", "train.max_steps=6", "model.dropout=0"))
-    run(config(tmp_path / "accum", "train.max_steps=6", "train.accum_steps=4", "model.dropout=0"))
+    # dropout on: a sample's mask does not depend on the micro-batch it falls in
+    run(config(tmp_path / "one", "train.max_steps=6"))
+    run(config(tmp_path / "accum", "train.max_steps=6", "train.accum_steps=4"))
     assert_weights_close(final_weights(tmp_path / "accum"), final_weights(tmp_path / "one"))
 
 
@@ -280,6 +291,108 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     assert (
         "unknown config key 'train.warmup'; did you mean 'warmup_steps'" in capsys.readouterr().err
     )
+
+
+BAD_VALUES = [
+    # (override, the one-line message)
+    ("model.hidden=0", "model.hidden = 0: expected an int >= 1"),
+    ("model.hidden=-4", "model.hidden = -4: expected an int >= 1"),
+    ("data.steps=-1", "data.steps = -1: expected an int >= 1"),
+    ("model.blocks=0", "model.blocks = 0: expected an int >= 1"),
+    ("train.eps=inf", "train.eps = inf: expected a finite float > 0"),
+    ("train.lr=nan", "train.lr: expected float, got 'nan'"),
+    ("train.lr=.nan", "train.lr: expected float, got nan"),
+    ("train.lr=-.inf", "train.lr = -inf: expected a finite float > 0"),
+    ("model.hidden=abc", "model.hidden: expected int, got 'abc'"),
+    ("model.hidden=16.5", "model.hidden: expected int, got 16.5"),
+    ("model.dropout=1", "model.dropout = 1.0: expected a float in [0, 1)"),
+    ("data.val_fraction=0", "data.val_fraction = 0.0: expected a float in (0, 1)"),
+    ("data.nodes=1", "data.nodes = 1: expected an int >= 2"),
+    ("train.betas=[0.9]", "train.betas = [0.9]: expected a list of 2 floats in [0, 1)"),
+    ("train.betas=[0.9,1]", "train.betas = [0.9, 1.0]: expected a list of 2 floats in [0, 1)"),
+    ("train.grad_clip=0", "train.grad_clip = 0.0: expected null or a float > 0"),
+    ("train.grad_clip=.nan", "train.grad_clip: expected float | null, got nan"),
+    ("train.seed=-1", "train.seed = -1: expected an int in [0, 4294967295]"),
+    ("train.subset=1.5", "train.subset = 1.5: expected null or a float in (0, 1]"),
+    ("train.max_steps=0", "train.max_steps = 0: expected null or an int >= 1"),
+    ("debug.nan_grad_steps=[0,2]", "debug.nan_grad_steps = [0, 2]: expected a list of ints >= 1"),
+    (
+        "run_dir=runs/{jbo}",
+        "run_dir = 'runs/{jbo}': expected a path whose only placeholder is {job}",
+    ),
+    ("job=7", "job: expected str, got 7"),
+    (
+        "checkpoint.best_metric=val_nse",
+        "checkpoint.best_metric = 'val_nse': expected a metric job 'example' reports: val_loss, "
+        "val_mae, val_mse; did you mean 'val_mse'?",
+    ),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
+def test_bad_value_is_a_one_line_error(tmp_path, capsys, override, message):
+    # the CLI: one line on stderr, exit status 2, no traceback, nothing trained
+    code = main(["--config", str(CONFIG), *overrides(tmp_path / "run", override)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == f"fastcore.train: error: ConfigError: {message}\n"
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    # scripts: the same message from resolve_config, or (best_metric) from run before step 1
+    with pytest.raises(ConfigError) as caught:
+        run(config(tmp_path / "script", override))
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("job", "override", "message"),
+    [
+        (
+            "basin",
+            "data.network=rhin",
+            "data.network: expected 'rhine' | 'synthetic' | 'wind', got",
+        ),
+        ("basin", "data.splits=[0.7,0.3]", "data.splits = [0.7, 0.3]: expected a list of 3 finite"),
+        (
+            "wind",
+            "model.teacher_forcing=2",
+            "model.teacher_forcing = 2.0: expected a float in [0, 1]",
+        ),
+        ("kv_distill", "model.loss=l1", "model.loss: expected 'mse' | 'cosine', got 'l1'"),
+        ("kv_distill", "data.seq_len=1", "data.seq_len = 1: expected an int >= 2"),
+        ("temporal_align", "model.kernel_sizes=[3,4]", "expected a non-empty list of odd ints"),
+        ("temporal_align", "data.task_mix=[0,0,0]", "expected a list of 3 finite floats >= 0, not"),
+        ("temporal_align", "model.lm_lr=inf", "model.lm_lr = inf: expected a finite float > 0"),
+    ],
+)
+def test_every_job_checks_its_values(job, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_config(str(ROOT / "configs" / f"{job}.yaml"), [override])
+
+
+def test_inf_where_a_field_allows_it_and_best_metric_of_the_job(tmp_path):
+    # grad_clip=inf: no clipping; best.pt follows a metric the job reports (val_mae)
+    assert config(tmp_path, "train.grad_clip=inf").train.grad_clip == math.inf
+    run_dir = tmp_path / "run"
+    val = run(
+        config(
+            run_dir, "train.grad_clip=inf", "checkpoint.best_metric=val_mae", "train.max_steps=3"
+        )
+    )
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(train) == 3 and all(math.isfinite(r["loss"]) and not r["skipped"] for r in train)
+    best = ckpt_io.load(run_dir / "checkpoints" / "best.pt")
+    assert best["best"] == pytest.approx(val["val_mae"])
+
+
+def test_a_config_changed_in_code_is_checked_too(tmp_path):
+    cfg = config(tmp_path)
+    cfg.model = dataclasses.replace(cfg.model, blocks=0)
+    with pytest.raises(ConfigError, match=r"^model\.blocks = 0: expected an int >= 1$"):
+        run(cfg)
+    cfg.model = dataclasses.replace(cfg.model, blocks=2, hidden="8")
+    with pytest.raises(ConfigError, match=r"^model\.hidden: expected int, got '8'$"):
+        run(cfg)
 
 
 def test_config_floats_as_users_write_them(tmp_path):

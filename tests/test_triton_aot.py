@@ -24,9 +24,9 @@ FLOATS = {"torch.float16", "torch.bfloat16", "torch.float32", "torch.float64"}
 
 
 def entry_points() -> set[str]:
-    """``module.name`` of every ``@triton.jit`` ``*_kernel`` in kernels/, read from source."""
+    """``module.name`` of every ``@triton.jit`` ``*_kernel`` in fastcore/kernels/, read from source."""
     found = set()
-    for path in sorted((ROOT / "kernels").glob("*.py")):
+    for path in sorted((ROOT / "fastcore" / "kernels").glob("*.py")):
         text = path.read_text()
         for name in re.findall(r"@triton\.jit\s*\ndef (\w+_kernel)\(", text):
             found.add(f"fastcore.kernels.{path.stem}.{name}")
@@ -64,7 +64,7 @@ def test_every_entry_point_in_every_dtype(aot_run):
         )
     )
     kernels = entry_points()
-    assert kernels, "no *_kernel found in kernels/"
+    assert kernels, "no *_kernel found in fastcore/kernels/"
     assert set(lines) == kernels
     for name, dtypes in lines.items():
         assert set(dtypes.split(", ")) >= FLOATS, f"{name} compiled only for {dtypes}"

@@ -18,7 +18,8 @@ forecasts its discharge over a horizon, autoregressively:
 5. **autoregressive decoder**: a :class:`RiverGRUCell` (a GRU per basin reading its own
    input and, through the river graph, its neighbours') steps through the horizon; its input is the context, that day's forcings and the
    previous day's discharge (observed with the teacher-forcing probability, else its own
-   prediction); the hidden state is detached between steps;
+   prediction; the coin is a :class:`~fastcore.nn.SampleUniform`, keyed per window inside
+   :func:`~fastcore.nn.sample_randomness`); the hidden state is detached between steps;
 6. **bounded head**: ``sigmoid(logit(q_prev) + scale * (w h + b) + shift)`` with learnable
    scale and shift: the prediction lives on the normalised target scale ``q / q_max`` in
    (0, 1) (the data module's :class:`~fastcore.data.basin.DischargeScaler` maps it back
@@ -41,7 +42,7 @@ import torch
 from torch import nn
 
 from fastcore.graph import Hierarchy
-from fastcore.nn import GraphPooling, GraphUnpooling, SpatioTemporalBlock
+from fastcore.nn import GraphPooling, GraphUnpooling, SampleUniform, SpatioTemporalBlock
 from fastcore.nn.spatiotemporal import EdgeGate
 from fastcore.ops import Graph, feature_mlp, spmm
 
@@ -145,6 +146,7 @@ class _Decoder(nn.Module):
         inputs = context + num_forcings + 1
         self.cell = RiverGRUCell(inputs, hidden) if graph_cell else nn.GRUCell(inputs, hidden)
         self.head = BoundedHead(hidden)
+        self.coin = SampleUniform()  # teacher forcing: keyed per window under a trainer
 
     def forward(
         self,
@@ -175,9 +177,7 @@ class _Decoder(nn.Module):
             q_next = q.detach()
             if teacher is not None and teacher_prob > 0:
                 observed = teacher[:, k]
-                use = torch.isfinite(observed) & (
-                    torch.rand(observed.shape, device=observed.device) < teacher_prob
-                )
+                use = torch.isfinite(observed) & (self.coin(observed) < teacher_prob)
                 q_next = torch.where(use, observed.nan_to_num(0.0), q_next)
             q_prev = q_next
             if detach_hidden:

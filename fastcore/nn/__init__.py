@@ -1,7 +1,9 @@
 """fastcore's layers (``torch.nn.Module``s over fastcore ops)."""
 
+from fastcore.nn.dropout import SampleDropout
 from fastcore.nn.kv import KVProjector, MultiTeacherKVProjector
 from fastcore.nn.pooling import GraphPooling, GraphUnpooling
+from fastcore.nn.sample_random import SampleRandom, SampleUniform, sample_randomness
 from fastcore.nn.spatiotemporal import EdgeGate, GraphGRUCell, SpatioTemporalBlock
 from fastcore.nn.temporal import TemporalEncoder
 
@@ -12,6 +14,10 @@ __all__ = [
     "GraphUnpooling",
     "KVProjector",
     "MultiTeacherKVProjector",
+    "SampleDropout",
+    "SampleRandom",
+    "SampleUniform",
     "SpatioTemporalBlock",
     "TemporalEncoder",
+    "sample_randomness",
 ]

@@ -5,7 +5,7 @@ The template every fastcore op follows:
 * ``fastcore/reference/gather.py`` - the oracle (``index_select``);
 * ``csrc/fastcore.cpp`` - the schemas ``fastcore::gather`` and ``fastcore::csr_sum``;
   ``csrc/cpu/gather.cpp`` and ``csrc/cuda/gather.cpp`` - their CPU and CUDA kernels;
-* ``kernels/gather.py`` - Triton kernels, registered below as ``fastcore::gather_triton``
+* ``fastcore/kernels/gather.py`` - Triton kernels, registered below as ``fastcore::gather_triton``
   and ``fastcore::csr_sum_triton``;
 * this module - fake kernels and autograd for both op families, and the public function
   that validates, picks the backend and calls the registered operator.

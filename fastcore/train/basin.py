@@ -23,6 +23,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ from fastcore.data.hydrology import simulate
 from fastcore.data.network import BasinNetwork
 from fastcore.losses import masked_mse
 from fastcore.models.basin import BasinGRU, HierarchicalBasinModel
-from fastcore.train.config import Config, option
+from fastcore.train.config import SEED_MAX, Config, option
 from fastcore.train.jobs import JobContext, JobParts
 
 
@@ -50,21 +51,30 @@ from fastcore.train.jobs import JobContext, JobParts
 class DataConfig:
     """The network, its simulation and the windows."""
 
-    network: str = option(
+    network: Literal["rhine", "synthetic", "wind"] = option(
         "rhine",
         "'rhine' (the committed real network), 'synthetic', or 'wind' (the Irish wind "
         "stations: real observations, fetched by scripts/fetch_wind.py)",
     )
-    synthetic_basins: int = option(200, "fine basins of a synthetic network")
-    years: int = option(12, "simulated years (365-day years); 'wind' uses all its 18 years")
-    seed: int = option(0, "seed of the simulation (and of a synthetic network)")
-    missing_forcings: float = option(0.01, "fraction of missing days per observed forcing")
-    missing_discharge: float = option(0.02, "fraction of missing days of observed discharge")
-    lookback: int = option(21, "input window (days)")
-    horizon: int = option(5, "forecast lead times (days)")
-    splits: list[float] = option([0.7, 0.15, 0.15], "train / val / test fractions of the days")
+    synthetic_basins: int = option(200, "fine basins of a synthetic network", ge=1)
+    years: int = option(12, "simulated years (365-day years); 'wind' uses all its 18 years", ge=1)
+    seed: int = option(0, "seed of the simulation (and of a synthetic network)", ge=0, le=SEED_MAX)
+    missing_forcings: float = option(
+        0.01, "fraction of missing days per observed forcing", ge=0, lt=1
+    )
+    missing_discharge: float = option(
+        0.02, "fraction of missing days of observed discharge", ge=0, lt=1
+    )
+    lookback: int = option(21, "input window (days)", ge=1)
+    horizon: int = option(5, "forecast lead times (days)", ge=1)
+    splits: list[float] = option(
+        [0.7, 0.15, 0.15],
+        "train / val / test fractions of the days (relative: divided by their sum)",
+        gt=0,
+        length=3,
+    )
     val_stride: int = option(
-        3, "validation during training uses every this-many-th origin (the report uses all)"
+        3, "validation during training uses every this-many-th origin (the report uses all)", ge=1
     )
     cache_dir: str | None = option(
         "runs/cache", "where the prepared series is cached (.pt, weights_only); null: never"
@@ -75,13 +85,21 @@ class DataConfig:
 class ModelConfig:
     """The forecaster."""
 
-    arch: str = option("hierarchical", "'hierarchical' or 'gru' (the graph-free baseline)")
-    hidden: int = option(8, "latent width per (basin, variable) of the hierarchical model")
-    blocks: int = option(2, "SpatioTemporalBlocks per level on the way down")
-    kernel_size: int = option(7, "causal temporal kernel")
-    decoder_hidden: int = option(32, "the autoregressive decoder's state width (both archs)")
-    teacher_forcing: float = option(0.5, "initial teacher-forcing probability of the decoder")
-    teacher_forcing_steps: int = option(300, "forward passes over which it decays to 0")
+    arch: Literal["hierarchical", "gru"] = option(
+        "hierarchical", "'hierarchical' or 'gru' (the graph-free baseline)"
+    )
+    hidden: int = option(8, "latent width per (basin, variable) of the hierarchical model", ge=1)
+    blocks: int = option(2, "SpatioTemporalBlocks per level on the way down", ge=1)
+    kernel_size: int = option(7, "causal temporal kernel", ge=1)
+    decoder_hidden: int = option(32, "the autoregressive decoder's state width (both archs)", ge=1)
+    teacher_forcing: float = option(
+        0.5,
+        "initial teacher-forcing probability of the decoder (each draw keyed per window, "
+        "the same under any split over processes)",
+        ge=0,
+        le=1,
+    )
+    teacher_forcing_steps: int = option(300, "forward passes over which it decays to 0", ge=1)
 
 
 def build_network(data: DataConfig) -> BasinNetwork:
@@ -238,7 +256,7 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
             q_feature=INPUTS.index("discharge"),
             decoder_hidden=mcfg.decoder_hidden,
         )
-    elif mcfg.arch == "gru":
+    else:
         model = BasinGRU(
             len(INPUTS),
             len(FORCINGS),
@@ -246,8 +264,6 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
             hidden=mcfg.decoder_hidden,
             q_feature=INPUTS.index("discharge"),
         )
-    else:
-        raise ValueError(f"model.arch must be 'hierarchical' or 'gru', got {mcfg.arch!r}")
     model.register_buffer("forward_calls", torch.zeros((), dtype=torch.long))
     weights = basin_weights(prepared).to(ctx.device)
     train = BasinWindows(prepared, "train", data.lookback, data.horizon)
@@ -295,4 +311,5 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
         loss_fn=loss_fn,
         sanity=sanity,
         evaluate=evaluate,
+        evaluate_metrics=(*metrics.METRICS, "missing_targets"),
     )

@@ -21,6 +21,7 @@ from fastcore.train.config import (
     build_config,
     describe,
     load_raw,
+    validate,
 )
 from fastcore.train.distributed import setup, teardown
 from fastcore.train.jobs import JobContext, load_job
@@ -50,13 +51,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_config(config: str | None, overrides: list[str]) -> Config:
+    """The validated :class:`Config` of a YAML file with ``section.key=value`` overrides:
+    every bad key or value is a one-line :class:`ConfigError` naming it."""
     raw = apply_overrides(load_raw(config), overrides)
-    job = load_job(raw.get("job", Config.job))
+    name = raw.get("job", Config.job)
+    if not isinstance(name, str):
+        raise ConfigError(f"job: expected str, got {name!r}")
+    job = load_job(name)
     return build_config(raw, job.DataConfig, job.ModelConfig)
 
 
 def run(cfg: Config, resume: str | None = None) -> dict[str, float]:
-    """Train ``cfg``'s job; returns the last validation metrics."""
+    """Train ``cfg``'s job (validated again first, so a config changed in code is checked
+    too); returns the last validation metrics."""
+    validate(cfg)
     dist_info = setup(cfg.train.device)
     # Global switches this run sets are put back afterwards (runs inside a larger program).
     saved = (
@@ -93,19 +101,19 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.describe is not None:
-        lines = describe(Config)
-        if args.describe:
-            job = load_job(args.describe)
-            lines += [
-                "data:",
-                *describe(job.DataConfig, "  "),
-                "model:",
-                *describe(job.ModelConfig, "  "),
-            ]
-        print("\n".join(lines))
-        return 0
     try:
+        if args.describe is not None:
+            lines = describe(Config)
+            if args.describe:
+                job = load_job(args.describe)
+                lines += [
+                    "data:",
+                    *describe(job.DataConfig, "  "),
+                    "model:",
+                    *describe(job.ModelConfig, "  "),
+                ]
+            print("\n".join(lines))
+            return 0
         cfg = resolve_config(args.config, args.overrides)
         run(cfg, args.resume)
     except (

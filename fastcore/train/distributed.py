@@ -4,7 +4,9 @@ Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) the process grou
 gloo on the CPU and nccl on CUDA; under plain ``python -m`` the run is a world of one and
 no process group is created. The same sampler code serves both, so a single-process run
 with global batch B sees, step for step, exactly the samples a W-process run with per-rank
-batch B / W sees together.
+batch B / W sees together. :class:`WithIndex` and :class:`CollateWithIndex` hand the loop
+each sample's dataset index next to its batch, which keys the per-sample randomness
+(:func:`fastcore.nn.sample_randomness`) so the ranks also draw what one process draws.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler, default_collate
 
 
 @dataclass(frozen=True)
@@ -151,3 +154,29 @@ class SkipFirst(torch.utils.data.Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         skip, self.skip = self.skip, 0
         return itertools.islice(iter(self.sampler), skip, None)
+
+
+class WithIndex(Dataset):
+    """``dataset`` whose item ``i`` is ``(i, dataset[i])``: the sample's global index
+    travels with it through the sampler, the workers and the collate function."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.dataset[i]
+
+
+class CollateWithIndex:
+    """Collates ``(index, item)`` pairs of :class:`WithIndex` into ``(indices [B] int64,
+    collate_fn(items))`` (``default_collate`` when ``collate_fn`` is None)."""
+
+    def __init__(self, collate_fn: Callable[[list], Any] | None = None) -> None:
+        self.collate_fn = collate_fn or default_collate
+
+    def __call__(self, pairs: list[tuple[int, Any]]) -> tuple[torch.Tensor, Any]:
+        index = torch.tensor([i for i, _ in pairs], dtype=torch.int64)
+        return index, self.collate_fn([item for _, item in pairs])

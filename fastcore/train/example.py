@@ -14,8 +14,10 @@ both variables (normalised with the training split's statistics) and the next st
 at every basin; the first ``1 - val_fraction`` of the series trains, the rest validates.
 
 Model: per-variable input embedding -> ``blocks`` x :class:`~fastcore.nn.SpatioTemporalBlock`
-(river graph over basins, causal graph rain -> flow within each basin) -> a linear head on
-the last step's latent of every basin.
+(river graph over basins, causal graph rain -> flow within each basin) -> dropout
+(:class:`~fastcore.nn.SampleDropout`: each window's mask is keyed by its index, so any
+split of a batch over processes trains the same model) -> a linear head on the last
+step's latent of every basin.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fastcore.nn import SpatioTemporalBlock
+from fastcore.nn import SampleDropout, SpatioTemporalBlock
 from fastcore.ops.graph import Graph
-from fastcore.train.config import Config, option
+from fastcore.train.config import SEED_MAX, Config, option
 from fastcore.train.jobs import JobContext, JobParts
 
 
@@ -43,24 +45,32 @@ class DataConfig:
         "a .pt file {'series': [steps, nodes, 2] (rain, flow), 'edge_index': [2, E]} to train "
         "on instead of the generated tree (loaded with weights_only=True)",
     )
-    nodes: int = option(24, "basins in the random river tree")
-    steps: int = option(1200, "length of the daily series")
-    lookback: int = option(12, "input window length (steps)")
-    val_fraction: float = option(0.2, "the last fraction of the series validates")
-    decay: float = option(0.75, "linear-reservoir recession per step")
-    route: float = option(0.2, "fraction of upstream flow arriving per step")
-    noise: float = option(0.02, "std of the flow innovation")
-    seed: int = option(1234, "seed of the tree and the series (independent of train.seed)")
+    nodes: int = option(24, "basins in the random river tree", ge=2)
+    steps: int = option(1200, "length of the daily series", ge=1)
+    lookback: int = option(12, "input window length (steps)", ge=1)
+    val_fraction: float = option(0.2, "the last fraction of the series validates", gt=0, lt=1)
+    decay: float = option(0.75, "linear-reservoir recession per step", ge=0, le=1)
+    route: float = option(0.2, "fraction of upstream flow arriving per step", ge=0, le=1)
+    noise: float = option(0.02, "std of the flow innovation", ge=0)
+    seed: int = option(
+        1234, "seed of the tree and the series (independent of train.seed)", ge=0, le=SEED_MAX
+    )
 
 
 @dataclass
 class ModelConfig:
     """The forecaster."""
 
-    hidden: int = option(16, "latent width H per (basin, variable)")
-    blocks: int = option(2, "SpatioTemporalBlocks")
-    kernel_size: int = option(3, "causal temporal kernel of each block")
-    dropout: float = option(0.1, "dropout on the head's input (training only)")
+    hidden: int = option(16, "latent width H per (basin, variable)", ge=1)
+    blocks: int = option(2, "SpatioTemporalBlocks", ge=1)
+    kernel_size: int = option(3, "causal temporal kernel of each block", ge=1)
+    dropout: float = option(
+        0.1,
+        "dropout on the head's input (training only; per-sample masks, the same under any "
+        "split over processes)",
+        ge=0,
+        lt=1,
+    )
 
 
 def river_tree(nodes: int, generator: torch.Generator) -> torch.Tensor:
@@ -134,7 +144,7 @@ class RiverForecaster(nn.Module):
         self.blocks = nn.ModuleList(
             SpatioTemporalBlock(2, hidden, kernel_size=kernel_size) for _ in range(blocks)
         )
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = SampleDropout(dropout)
         self.head = nn.Linear(2 * hidden, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,8 +182,6 @@ def load_series(path: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def build(cfg: Config, ctx: JobContext) -> JobParts:
     data, mcfg = cfg.data, cfg.model
-    if not 0.0 < data.val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in (0, 1), got {data.val_fraction}")
     if data.path is not None:
         series, edges = load_series(data.path)
         data = dataclasses.replace(data, steps=series.shape[0], nodes=series.shape[1])
@@ -190,8 +198,6 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
     # Causal graph over (basin, variable) pairs, id = basin * 2 + variable: rain -> flow.
     basins = torch.arange(data.nodes)
     causal = Graph(torch.stack([basins * 2, basins * 2 + 1]), data.nodes * 2, device=ctx.device)
-    if not 0.0 <= mcfg.dropout < 1.0:
-        raise ValueError(f"model.dropout must be in [0, 1), got {mcfg.dropout}")
     model = RiverForecaster(river, causal, mcfg.hidden, mcfg.blocks, mcfg.kernel_size, mcfg.dropout)
 
     def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

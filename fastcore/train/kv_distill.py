@@ -12,6 +12,7 @@ checkpoints, torchrun).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from fastcore.data.text import (
     load_local,
     make_corpus,
 )
-from fastcore.train.config import Config, option
+from fastcore.train.config import SEED_MAX, Config, option
 from fastcore.train.jobs import JobContext, JobParts
 
 
@@ -32,11 +33,11 @@ from fastcore.train.jobs import JobContext, JobParts
 class DataConfig:
     """The corpus and its windows."""
 
-    docs: int = option(2000, "sentences in the generated corpus")
-    seq_len: int = option(64, "tokens per window")
-    train_windows: int = option(800, "training windows per epoch")
-    val_windows: int = option(64, "validation windows")
-    seed: int = option(0, "seed of the corpus, the windows and the tiny models")
+    docs: int = option(2000, "sentences in the generated corpus", ge=1)
+    seq_len: int = option(64, "tokens per window", ge=2)
+    train_windows: int = option(800, "training windows per epoch", ge=1)
+    val_windows: int = option(64, "validation windows", ge=1)
+    seed: int = option(0, "seed of the corpus, the windows and the tiny models", ge=0, le=SEED_MAX)
     model_dir: str | None = option(None, "a local HF checkpoint used as the teacher")
     student_dir: str | None = option(None, "a local HF checkpoint used as the student")
 
@@ -45,16 +46,16 @@ class DataConfig:
 class ModelConfig:
     """The distillation."""
 
-    kv_weight: float = option(1.0, "weight of the KV loss next to the LM loss")
-    loss: str = option("mse", "'mse' or 'cosine' between projected teacher KV and student KV")
+    kv_weight: float = option(1.0, "weight of the KV loss next to the LM loss", ge=0)
+    loss: Literal["mse", "cosine"] = option(
+        "mse", "'mse' or 'cosine' between projected teacher KV and student KV"
+    )
 
 
 def build(cfg: Config, ctx: JobContext) -> JobParts:
     from fastcore.models import KVDistiller, build_tiny_qwen2_pair
 
     data, mcfg = cfg.data, cfg.model
-    if mcfg.loss not in ("mse", "cosine"):
-        raise ValueError(f"model.loss must be 'mse' or 'cosine', got {mcfg.loss!r}")
     raw = encode_corpus(make_corpus(data.docs, data.seed))
     vocab, small = build_remap(raw)
     tiny_teacher, tiny_student = build_tiny_qwen2_pair(vocab.numel(), seed=data.seed)

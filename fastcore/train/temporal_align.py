@@ -36,6 +36,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ from fastcore.data.temporal_pretrain import (
     TokenVocab,
     collate_temporal,
 )
-from fastcore.train.config import Config, option
+from fastcore.train.config import SEED_MAX, Config, formats_with, option
 from fastcore.train.jobs import JobContext, JobParts
 from fastcore.train.temporal_report import (
     answer_stats,
@@ -64,16 +65,27 @@ _VAL_OFFSET = 10_000_000  # validation items are drawn from their own seed (seed
 class DataConfig:
     """The generated corpus and the evaluation."""
 
-    size: int = option(100_000, "training items, generated lazily from the seed")
-    val_size: int = option(256, "validation items (teacher-forced loss each validation)")
-    eval_samples: int = option(384, "held-out items the final evaluation generates answers for")
-    seed: int = option(0, "seed of the curves, descriptions and task draws")
-    task_mix: list[float] = option(
-        [1.0, 1.0, 1.0], "relative weights of trend, bottleneck, feasibility"
+    size: int = option(100_000, "training items, generated lazily from the seed", ge=1)
+    val_size: int = option(256, "validation items (teacher-forced loss each validation)", ge=2)
+    eval_samples: int = option(
+        384, "held-out items the final evaluation generates answers for", ge=2
     )
-    vocab_samples: int = option(1000, "items per task scanned for the tiny LM's vocabulary")
-    max_new_tokens: int = option(64, "generation length limit in the final evaluation")
-    report_examples: int = option(12, "examples (curve, prompt, truth, generations) in report.html")
+    seed: int = option(
+        0, "seed of the curves, descriptions and task draws", ge=0, le=SEED_MAX - 2 * _VAL_OFFSET
+    )
+    task_mix: list[float] = option(
+        [1.0, 1.0, 1.0],
+        "relative weights of trend, bottleneck, feasibility",
+        ge=0,
+        length=3,
+        check=lambda mix: sum(mix) > 0,
+        expected="a list of 3 finite floats >= 0, not all 0",
+    )
+    vocab_samples: int = option(1000, "items per task scanned for the tiny LM's vocabulary", ge=1)
+    max_new_tokens: int = option(64, "generation length limit in the final evaluation", ge=1)
+    report_examples: int = option(
+        12, "examples (curve, prompt, truth, generations) in report.html", ge=0
+    )
 
 
 @dataclass
@@ -81,36 +93,50 @@ class ModelConfig:
     """The frozen LM (and its warm-up) and the encoder."""
 
     llm_dir: str | None = option(None, "a local Qwen2/Qwen2.5 checkpoint used as the frozen LM")
-    hidden: int = option(128, "tiny LM: hidden size")
-    layers: int = option(4, "tiny LM: decoder layers")
-    heads: int = option(4, "tiny LM: attention heads")
-    kv_heads: int = option(2, "tiny LM: key/value heads (GQA)")
-    intermediate: int = option(384, "tiny LM: MLP width")
-    lm_steps: int = option(1600, "tiny LM: warm-up steps on the descriptions")
-    lm_batch_size: int = option(64, "tiny LM: warm-up batch size")
-    lm_lr: float = option(3e-3, "tiny LM: warm-up peak learning rate (cosine, 20 warm-up steps)")
-    lm_reader: str = option(
+    hidden: int = option(128, "tiny LM: hidden size (a multiple of 2 x heads)", ge=1)
+    layers: int = option(4, "tiny LM: decoder layers", ge=1)
+    heads: int = option(4, "tiny LM: attention heads (a multiple of kv_heads)", ge=1)
+    kv_heads: int = option(2, "tiny LM: key/value heads (GQA)", ge=1)
+    intermediate: int = option(384, "tiny LM: MLP width", ge=1)
+    lm_steps: int = option(1600, "tiny LM: warm-up steps on the descriptions", ge=0)
+    lm_batch_size: int = option(64, "tiny LM: warm-up batch size", ge=1)
+    lm_lr: float = option(
+        3e-3, "tiny LM: warm-up peak learning rate (cosine, 20 warm-up steps)", gt=0
+    )
+    lm_reader: Literal["probe", "none"] = option(
         "probe",
         "tiny LM: 'probe' warms it up reading curves through a throwaway linear reader "
         "(discarded; the encoder starts fresh), 'none' on the text alone",
     )
-    lm_reader_points: int = option(8, "tiny LM: resampled points per prefix token of the probe")
+    lm_reader_points: int = option(
+        8, "tiny LM: resampled points per prefix token of the probe", ge=1
+    )
     lm_path: str | None = option(
         None,
         "where the warm-up is saved/reused (default <run_dir>/lm.pt); '{key}' in it becomes "
         "the key of the warm-up's settings",
+        check=lambda path: path is None or formats_with("key")(path),
+        expected="null or a path whose only placeholder is {key}",
     )
-    width: int = option(32, "encoder: channels per convolution branch")
-    kernel_sizes: list[int] = option([3, 5, 7], "encoder: one branch per (odd) kernel size")
-    depth: int = option(2, "encoder: convolution layers per branch")
-    pooling: str = option("meanmax", "encoder: 'meanmax', 'mean' or 'max' per segment")
+    width: int = option(32, "encoder: channels per convolution branch", ge=1)
+    kernel_sizes: list[int] = option(
+        [3, 5, 7],
+        "encoder: one branch per (odd) kernel size",
+        ge=1,
+        check=lambda sizes: len(sizes) > 0 and all(k % 2 == 1 for k in sizes),
+        expected="a non-empty list of odd ints >= 1",
+    )
+    depth: int = option(2, "encoder: convolution layers per branch", ge=1)
+    pooling: Literal["meanmax", "mean", "max"] = option(
+        "meanmax", "encoder: 'meanmax', 'mean' or 'max' per segment"
+    )
     prefix_tokens: int = option(
-        2, "encoder: k, time segments per prefix (per variable with tokens=channel)"
+        2, "encoder: k, time segments per prefix (per variable with tokens=channel)", ge=1
     )
-    tokens: str = option(
+    tokens: Literal["channel", "time"] = option(
         "channel", "encoder: 'channel' (k tokens per resource) or 'time' (k tokens in all)"
     )
-    projector_layers: int = option(2, "encoder: Linear layers of the projector")
+    projector_layers: int = option(2, "encoder: Linear layers of the projector", ge=1)
 
 
 def resource_scale() -> torch.Tensor:
@@ -358,12 +384,12 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
     from fastcore.nn.temporal import TemporalEncoder
 
     data, mcfg = cfg.data, cfg.model
-    if mcfg.lm_reader not in ("probe", "none"):
-        raise ValueError(f"model.lm_reader must be 'probe' or 'none', got {mcfg.lm_reader!r}")
-    if data.size < 1 or data.val_size < 2 or data.eval_samples < 2:
+    if not mcfg.llm_dir and (
+        mcfg.hidden % (2 * mcfg.heads) or mcfg.heads % mcfg.kv_heads
+    ):  # rotary embeddings need an even head size
         raise ValueError(
-            f"data.size must be >= 1 and data.val_size, data.eval_samples >= 2, got "
-            f"{data.size}, {data.val_size}, {data.eval_samples}"
+            f"model.hidden ({mcfg.hidden}) must be a multiple of 2 x model.heads ({mcfg.heads}) "
+            f"and model.heads a multiple of model.kv_heads ({mcfg.kv_heads})"
         )
     train_set = TemporalPretrainDataset(data.size, data.seed, data.task_mix)
     if not mcfg.llm_dir:
@@ -487,6 +513,7 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
         loss_fn=loss_fn,
         collate_fn=collate,
         evaluate=evaluate,
+        evaluate_metrics=("answer_nll", "token_acc", "shuffled_answer_nll", "shuffled_token_acc"),
         sanity=sanity,
         finish=finish,
     )

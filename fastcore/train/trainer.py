@@ -10,13 +10,18 @@ Data order is a pure function of (seed, epoch): every rank's sampler draws the s
 permutation and takes its stride of it, so W processes with per-rank batch B/W see the
 same global batches as one process with batch B, and a run resumed from a checkpoint
 (which records the epoch and the batch within it) continues with exactly the batches the
-uninterrupted run would have seen.
+uninterrupted run would have seen. Randomness inside the model (dropout, sampling) is
+keyed per sample: each forward pass runs inside :func:`fastcore.nn.sample_randomness` with
+the run seed, the optimizer step and the batch's dataset indices, so a
+:class:`~fastcore.nn.SampleDropout` draws the same mask for a sample whatever rank or
+micro-batch it is in.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -34,10 +39,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset, default_collate
 
+from fastcore.nn.sample_random import sample_randomness
 from fastcore.train import checkpoint as ckpt_io
-from fastcore.train.config import Config, save_config
+from fastcore.train.config import Config, ConfigError, save_config
 from fastcore.train.diagnostics import (
     check_gradients,
     memory_stats,
@@ -45,9 +51,11 @@ from fastcore.train.diagnostics import (
     parameter_summary,
 )
 from fastcore.train.distributed import (
+    CollateWithIndex,
     DistInfo,
     RandomSubsetDistributedSampler,
     SkipFirst,
+    WithIndex,
     all_reduce_,
 )
 from fastcore.train.jobs import JobParts
@@ -190,14 +198,15 @@ class Trainer:
         )
 
     def _loader(self, dataset, sampler, epoch: int) -> DataLoader:
+        """Micro-batches ``(dataset indices [B], batch)`` in ``sampler``'s order."""
         # The loader's own generator (re-seeded per epoch) feeds worker seeds, so creating
         # an iterator never draws from the global RNG a resumed run must replay.
         g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
         return DataLoader(
-            dataset,
+            WithIndex(dataset),
             batch_size=self.micro_batch,
             sampler=sampler,
-            collate_fn=self.parts.collate_fn,
+            collate_fn=CollateWithIndex(self.parts.collate_fn),
             num_workers=self.cfg.train.num_workers,
             drop_last=True,
             generator=g,
@@ -313,7 +322,8 @@ class Trainer:
         metric_sums: dict[str, torch.Tensor] = {}
         for micro in range(tc.accum_steps):
             t0 = time.perf_counter()
-            batch = to_device(next(batches), self.device)
+            index, batch = next(batches)
+            batch = to_device(batch, self.device)
             self._sync()
             t1 = time.perf_counter()
             last = micro == tc.accum_steps - 1
@@ -322,8 +332,11 @@ class Trainer:
                 if self.dist.distributed and not last
                 else contextlib.nullcontext()
             )
+            # Dropout masks and other draws keyed by (seed, step, sample index): the same
+            # for a sample on any rank and in any micro-batch.
+            keys = sample_randomness(self.model, tc.seed, self.step, index)
             with no_sync:
-                with self._autocast():
+                with self._autocast(), keys:
                     loss, metrics = self.parts.loss_fn(self.ddp, batch)
                 self._sync()
                 t2 = time.perf_counter()
@@ -450,11 +463,53 @@ class Trainer:
         out = {f"val_{k}": float(packed[i] / packed[-1]) for i, k in enumerate(keys)}
         if self.parts.evaluate is not None:
             self.model.eval()
-            out.update({f"val_{k}": float(v) for k, v in self.parts.evaluate(self.model).items()})
+            extra = self.parts.evaluate(self.model)
             self.model.train()
+            missing = sorted(set(self.parts.evaluate_metrics) - set(extra))
+            if missing:
+                raise RuntimeError(
+                    f"job {self.cfg.job!r}: evaluate() returned no {', '.join(missing)}, which "
+                    "its JobParts.evaluate_metrics declares"
+                )
+            out.update({f"val_{k}": float(v) for k, v in extra.items()})
         return out
 
+    def validation_metrics(self) -> list[str]:
+        """The names a validation reports (``val_loss``, ``val_<metric>`` of the loss
+        function and of ``evaluate``): the loss function's from one validation batch,
+        under no_grad in eval mode, ``evaluate``'s as the job declares them."""
+        if self.parts.val_set is None:
+            return []
+        val_set = self.parts.val_set
+        items = [val_set[i] for i in range(min(len(val_set), self.micro_batch))]
+        batch = to_device((self.parts.collate_fn or default_collate)(items), self.device)
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            _, metrics = self.parts.loss_fn(self.model, batch)
+        self.model.train()
+        names = ["loss", *metrics, *self.parts.evaluate_metrics]
+        return sorted({f"val_{k}" for k in names})
+
+    def _check_best_metric(self) -> None:
+        """``checkpoint.best_metric`` names a metric the validation reports (before step 1:
+        a typo must not cost a run that never writes best.pt)."""
+        key = self.cfg.checkpoint.best_metric
+        names = self.validation_metrics()
+        if not names:
+            if self.dist.is_main:
+                log.info("no validation set: best.pt (checkpoint.best_metric) is not written")
+            return
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"checkpoint.best_metric = {key!r}: expected a metric job {self.cfg.job!r} "
+                f"reports: {', '.join(names)}{hint}"
+            )
+
     def _after_eval(self, values: dict[str, float]) -> None:
+        if not values:  # no validation set
+            return
         self._record("val", values)
         if self.dist.is_main:
             log.info(
@@ -465,7 +520,10 @@ class Trainer:
             )
         key = self.cfg.checkpoint.best_metric
         if key not in values:
-            return
+            raise RuntimeError(
+                f"validation at step {self.step} reported no {key!r} (checkpoint.best_metric); "
+                f"it reported {', '.join(sorted(values))}"
+            )
         value = values[key]
         better = self.best is None or (
             value < self.best if self.cfg.checkpoint.best_mode == "min" else value > self.best
@@ -477,6 +535,7 @@ class Trainer:
     def fit(self, resume: str | None = None) -> dict[str, float]:
         """Train to ``train.epochs`` / ``train.max_steps``; returns the last validation."""
         tc, lc = self.cfg.train, self.cfg.log
+        self._check_best_metric()
         self._setup_logging()
         if resume:
             self.resume(resume)
@@ -534,8 +593,7 @@ class Trainer:
                     self.epoch += 1
                     self.batch_in_epoch = 0
                     last_val, evaluated_at = self.evaluate(), self.step
-                    if last_val:
-                        self._after_eval(last_val)
+                    self._after_eval(last_val)
                     self.save()
             if self.batch_in_epoch:
                 if evaluated_at != self.step and self.parts.val_set is not None:

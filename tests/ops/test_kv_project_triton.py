@@ -12,9 +12,8 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-from fastcore.kernels import kv_project as kernels
-
 from fastcore import Resample
+from fastcore.kernels import kv_project as kernels
 from fastcore.reference import kv_project as reference
 from fastcore.testing import TOLERANCE, dtype_supported, randn, rel_error
 

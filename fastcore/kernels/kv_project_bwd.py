@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
 from fastcore.kernels._kv_tiles import (
     add_chunk,
     chunk_items,

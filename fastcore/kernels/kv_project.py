@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import torch
 import triton
+
 from fastcore.kernels.kv_project_bwd import (
     kv_project_bwd_kernel,
     kv_project_bwd_kv_kernel,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fastcore.kernels._tiles import MAX_PROGRAMS, block_shape, fold
 
 REDUCE_CODES = {"sum": 0, "mean": 1, "max": 2, "min": 3}

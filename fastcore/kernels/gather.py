@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fastcore.kernels._tiles import MAX_PROGRAMS, block_shape, fold
 from fastcore.kernels.segment import segment_reduce
 
