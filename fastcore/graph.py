@@ -13,20 +13,30 @@ raises a Python exception naming the level, the graph and the value for any bad 
 
 A :class:`Hierarchy` holds the result (or dense indices given directly), validated at
 construction, with the pooling CSR of each level computed once: using it never needs a
-host-device synchronisation.
+host-device synchronisation. It is a ``torch.nn.Module`` whose tensors are buffers (and
+whose levels' graphs are :class:`~fastcore.ops.graph.Graph` submodules), so a model that
+holds it moves it with ``.to()`` and saves it in its ``state_dict``.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fastcore.ops._csr import index_csr
-from fastcore.ops.graph import Graph, IndexLike, as_int64, first_true, resolve_device
+from fastcore.ops.graph import (
+    Graph,
+    IndexLike,
+    as_int64,
+    copy_sharing_tensors,
+    first_true,
+    load_structure,
+    resolve_device,
+)
 
 __all__ = ["Graph", "Hierarchy", "HierarchyIndexError", "remap_hierarchy_and_graphs_strict"]
 
@@ -97,6 +107,16 @@ def _check_parent_arrays(items: Any, num_levels: int, what: str) -> None:
         raise ValueError(
             f"{what} must hold {num_levels - 1} arrays (one per level but the last), got {got}"
         )
+
+
+def _check_parents(p: torch.Tensor, bound: int, name: str, parent_name: str) -> None:
+    """HierarchyIndexError naming the first parent index outside ``[0, bound)``."""
+    bad = (p < 0) | (p >= bound)
+    if p.numel() and bool(bad.any()):
+        i = first_true(bad)
+        v = int(p[i])
+        cmp = "< 0" if v < 0 else f">= num_nodes {bound} of level '{parent_name}'"
+        raise HierarchyIndexError(f"parent index {v} {cmp} at level '{name}' (node {i})")
 
 
 def _check_unique(ids: torch.Tensor, name: str) -> None:
@@ -211,7 +231,75 @@ def _check_level_graphs(
 # ----------------------------------------------------------------------------- Hierarchy
 
 
-class Hierarchy:
+class _Level(nn.Module):
+    """One level of a :class:`Hierarchy`: ``basin_ids [N]`` and ``parent_index [N]`` (None
+    at the coarsest), persistent buffers; the pooling CSR built from the parents,
+    ``pool_perm [N]`` / ``pool_ptr [N_parent + 1]`` (non-persistent, rebuilt on load); and
+    the level's ``river`` and ``causal`` :class:`Graph` submodules."""
+
+    structure_name = "Hierarchy level"  # in load errors
+
+    def __init__(
+        self,
+        name: str,
+        basin_ids: torch.Tensor,
+        parent_index: torch.Tensor | None,
+        parent_name: str | None,
+        parent_bound: int | None,
+        river: Graph,
+        causal: Graph,
+    ) -> None:
+        super().__init__()
+        self.level_name, self.parent_name, self.parent_bound = name, parent_name, parent_bound
+        self.register_buffer("basin_ids", basin_ids)
+        self._set_parents(parent_index)
+        self.river, self.causal = river, causal
+
+    def _set_parents(self, parent_index: torch.Tensor | None) -> None:
+        perm = ptr = None
+        if parent_index is not None:
+            perm, ptr = index_csr(parent_index, self.parent_bound)
+        self.register_buffer("parent_index", parent_index)
+        self.register_buffer("pool_perm", perm, persistent=False)
+        self.register_buffer("pool_ptr", ptr, persistent=False)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        loaded = load_structure(
+            self,
+            state_dict,
+            prefix,
+            local_metadata,
+            ("basin_ids", "parent_index"),
+            {},
+            strict,
+            missing_keys,
+            unexpected_keys,
+            error_msgs,
+        )
+        if loaded is None:
+            return
+        try:
+            _check_unique(loaded["basin_ids"], self.level_name)
+            if "parent_index" in loaded:
+                _check_parents(
+                    loaded["parent_index"], self.parent_bound, self.level_name, self.parent_name
+                )
+        except ValueError as err:  # HierarchyIndexError included
+            error_msgs.append(f"{prefix}parent_index / basin_ids: {err}")
+            return
+        self.basin_ids = loaded["basin_ids"]
+        if "parent_index" in loaded and not torch.equal(loaded["parent_index"], self.parent_index):
+            self._set_parents(loaded["parent_index"])
+
+
+def _refresh_stats(hierarchy: Hierarchy, incompatible_keys: Any) -> None:
+    """After ``load_state_dict``: the statistics :meth:`Hierarchy.summary` reports."""
+    hierarchy._stats = hierarchy._compute_stats()
+
+
+class Hierarchy(nn.Module):
     """The levels of a multi-scale graph model with dense parent indices, validated once.
 
     Per level ``l`` (int index or name): ``level_names[l]``, ``num_nodes[l]`` (int N_l),
@@ -221,6 +309,14 @@ class Hierarchy:
     feature), ``causal_edge_attr[l]`` and ``cropped[l]`` (what the remap dropped). For
     ``l < L-1``: :meth:`parent_index` int64 ``[N_l]`` in ``[0, N_{l+1})`` and its pooling
     CSR :meth:`pool_csr`, built once here. All tensors share one device.
+
+    A Hierarchy is a ``torch.nn.Module``: held by a model (``self.hierarchy = h``) it moves
+    with ``model.to(device)`` / ``.cuda()`` / ``.double()`` (float edge attributes take the
+    dtype, indices stay int64) and is saved in the model's ``state_dict`` under
+    ``levels.<l>.``: ``basin_ids``, ``parent_index`` and each graph's ``river.*`` /
+    ``causal.*`` keys (see :class:`Graph`); the pooling CSR is a non-persistent buffer,
+    rebuilt on load. A checkpoint of another size is an error naming the key.
+    ``h.to(...)`` returns a moved copy and leaves ``h`` as it is.
 
     Build it with :func:`remap_hierarchy_and_graphs_strict` from sparse basin ids and
     parent keys, or directly from dense indices with this constructor.
@@ -251,11 +347,6 @@ class Hierarchy:
     level_names: tuple[str, ...]
     num_features: int
     num_nodes: tuple[int, ...]
-    valid_basin_ids: tuple[torch.Tensor, ...]
-    river_edge_index: tuple[torch.Tensor, ...]
-    river_edge_attr: tuple[torch.Tensor | None, ...]
-    causal_edge_index: tuple[torch.Tensor, ...]
-    causal_edge_attr: tuple[torch.Tensor | None, ...]
     cropped: tuple[dict[str, int], ...]
 
     def __init__(
@@ -294,6 +385,7 @@ class Hierarchy:
                 out of bounds raises :class:`HierarchyIndexError`, which is both).
             TypeError: a non-integer index or a malformed argument.
         """
+        super().__init__()
         if isinstance(num_nodes, (int, np.integer)) or not isinstance(num_nodes, Sequence):
             raise TypeError("num_nodes must be a sequence of ints, one per level")
         num_levels = len(num_nodes)
@@ -317,15 +409,7 @@ class Hierarchy:
                     f"parent_index at level '{names[lv]}' has {p.shape[0]} entries but "
                     f"num_nodes is {sizes[lv]}"
                 )
-            bound = sizes[lv + 1]
-            bad = (p < 0) | (p >= bound)
-            if p.numel() and bool(bad.any()):
-                i = first_true(bad)
-                v = int(p[i])
-                cmp = "< 0" if v < 0 else f">= num_nodes {bound} of level '{names[lv + 1]}'"
-                raise HierarchyIndexError(
-                    f"parent index {v} {cmp} at level '{names[lv]}' (node {i})"
-                )
+            _check_parents(p, sizes[lv + 1], names[lv], names[lv + 1])
             parents.append(p)
 
         ids = []
@@ -360,22 +444,29 @@ class Hierarchy:
         self.level_names = names
         self.num_features = feats
         self.num_nodes = tuple(sizes)
-        self.valid_basin_ids = tuple(ids)
-        self.river_edge_index = tuple(ei for ei, _ in graphs["river"])
-        self.river_edge_attr = tuple(a for _, a in graphs["river"])
-        self.causal_edge_index = tuple(ei for ei, _ in graphs["causal"])
-        self.causal_edge_attr = tuple(a for _, a in graphs["causal"])
         self.cropped = tuple(crops)
-        self._parent_index = tuple(parents)
-        self._pool_csr = tuple(index_csr(p, sizes[lv + 1]) for lv, p in enumerate(parents))
-        self._graphs = tuple(
-            (
-                Graph(self.river_edge_index[lv], n, self.river_edge_attr[lv]),
-                Graph(self.causal_edge_index[lv], n * feats, self.causal_edge_attr[lv]),
+        levels = []
+        for lv, n in enumerate(sizes):
+            last = lv == num_levels - 1
+            (river, river_attr), (causal, causal_attr) = graphs["river"][lv], graphs["causal"][lv]
+            levels.append(
+                _Level(
+                    names[lv],
+                    ids[lv],
+                    None if last else parents[lv],
+                    None if last else names[lv + 1],
+                    None if last else sizes[lv + 1],
+                    Graph(river, n, river_attr),
+                    Graph(causal, n * feats, causal_attr),
+                )
             )
-            for lv, n in enumerate(sizes)
-        )
+        self.levels = nn.ModuleList(levels)
+        # The same modules as a plain tuple: the accessors below read it without going
+        # through nn.Module's attribute lookup (the modules are moved and loaded in place,
+        # and copies of the hierarchy copy both consistently).
+        self._level_list: tuple[_Level, ...] = tuple(levels)
         self._stats = self._compute_stats()
+        self.register_load_state_dict_post_hook(_refresh_stats)
 
     # ------------------------------------------------------------------ construction
 
@@ -392,8 +483,12 @@ class Hierarchy:
                 {
                     "max_river_index": top(self.river_edge_index[lv]),
                     "max_causal_index": top(self.causal_edge_index[lv]),
-                    "max_parent_index": top(self._parent_index[lv]) if has_parent else None,
-                    "childless": int((self._pool_csr[lv - 1][1].diff() == 0).sum()) if lv else None,
+                    "max_parent_index": top(self._level_list[lv].parent_index)
+                    if has_parent
+                    else None,
+                    "childless": int((self._level_list[lv - 1].pool_ptr.diff() == 0).sum())
+                    if lv
+                    else None,
                 }
             )
         return tuple(stats)
@@ -459,7 +554,7 @@ class Hierarchy:
             data[name].num_nodes = self.num_nodes[lv]
             data[name].basin_id = self.valid_basin_ids[lv]
             if lv < self.num_levels - 1:
-                data[name].parent_key = self.valid_basin_ids[lv + 1][self._parent_index[lv]]
+                data[name].parent_key = self.valid_basin_ids[lv + 1][self.parent_index(lv)]
             for kind, index, attr in (
                 ("river", self.river_edge_index[lv], self.river_edge_attr[lv]),
                 ("causal", self.causal_edge_index[lv], self.causal_edge_attr[lv]),
@@ -470,24 +565,11 @@ class Hierarchy:
         data.num_causal_features = self.num_features
         return data
 
-    def to(self, device: torch.device | str) -> Hierarchy:
-        """A copy with every tensor on ``device`` (no re-validation)."""
-        dev = torch.device(device)
-
-        def move(items):
-            return tuple(None if t is None else t.to(dev) for t in items)
-
-        out = copy.copy(self)
-        out.valid_basin_ids = move(self.valid_basin_ids)
-        out.river_edge_index = move(self.river_edge_index)
-        out.river_edge_attr = move(self.river_edge_attr)
-        out.causal_edge_index = move(self.causal_edge_index)
-        out.causal_edge_attr = move(self.causal_edge_attr)
-        out._parent_index = move(self._parent_index)
-        out._pool_csr = tuple(move(csr) for csr in self._pool_csr)
-        out._graphs = tuple((river.to(dev), causal.to(dev)) for river, causal in self._graphs)
-        out.cropped = tuple(dict(c) for c in self.cropped)
-        return out
+    def to(self, *args: Any, **kwargs: Any) -> Hierarchy:
+        """A copy with every tensor moved or cast as ``nn.Module.to`` would (float edge
+        attributes take a float dtype, indices stay int64; no re-validation). This hierarchy
+        is left as it is; a module holding it moves it in place with its own ``.to()``."""
+        return nn.Module.to(copy_sharing_tensors(self), *args, **kwargs)
 
     # ------------------------------------------------------------------ access
 
@@ -497,7 +579,32 @@ class Hierarchy:
 
     @property
     def device(self) -> torch.device:
-        return self.valid_basin_ids[0].device
+        return self._level_list[0].basin_ids.device
+
+    @property
+    def valid_basin_ids(self) -> tuple[torch.Tensor, ...]:
+        """Per level, int64 ``[N_l]``: the original id of each node."""
+        return tuple(level.basin_ids for level in self._level_list)
+
+    @property
+    def river_edge_index(self) -> tuple[torch.Tensor, ...]:
+        """Per level, int64 ``[2, E_l]`` over the level's nodes."""
+        return tuple(level.river.edge_index for level in self._level_list)
+
+    @property
+    def river_edge_attr(self) -> tuple[torch.Tensor | None, ...]:
+        """Per level, float ``[E_l, ...]`` or None."""
+        return tuple(level.river.edge_attr for level in self._level_list)
+
+    @property
+    def causal_edge_index(self) -> tuple[torch.Tensor, ...]:
+        """Per level, int64 ``[2, C_l]`` over the ids node * F + feature."""
+        return tuple(level.causal.edge_index for level in self._level_list)
+
+    @property
+    def causal_edge_attr(self) -> tuple[torch.Tensor | None, ...]:
+        """Per level, float ``[C_l, ...]`` or None."""
+        return tuple(level.causal.edge_attr for level in self._level_list)
 
     def level(self, key: int | str) -> int:
         """The index of level ``key`` (a name, or an int; negative counts from the end)."""
@@ -519,13 +626,14 @@ class Hierarchy:
 
     def parent_index(self, level: int | str) -> torch.Tensor:
         """int64 ``[N_l]``: the index at level l+1 of each node's parent (not the coarsest)."""
-        return self._parent_index[self._parent_level(level)]
+        return self._level_list[self._parent_level(level)]._buffers["parent_index"]
 
     def pool_csr(self, level: int | str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(perm int64 [N_l], ptr int64 [N_{l+1} + 1])``: the children of parent p are
         ``perm[ptr[p]:ptr[p+1]]``, ascending. Pool level l onto l+1 with
         ``fastcore.ops.segment_csr(x, perm, ptr, dim, reduce, check=False)``."""
-        return self._pool_csr[self._parent_level(level)]
+        buffers = self._level_list[self._parent_level(level)]._buffers  # (fast lookup)
+        return buffers["pool_perm"], buffers["pool_ptr"]
 
     def pool_counts(self, level: int | str) -> torch.Tensor:
         """int64 ``[N_{l+1}]``: the number of children of each node of level l+1."""
@@ -533,19 +641,20 @@ class Hierarchy:
 
     def river_graph(self, level: int | str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(edge_index int64 [2, E], edge_attr [E, ...] or None)`` of level ``level``."""
-        lv = self.level(level)
-        return self.river_edge_index[lv], self.river_edge_attr[lv]
+        river = self._level_list[self.level(level)].river
+        return river.edge_index, river.edge_attr
 
     def causal_graph(self, level: int | str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(edge_index int64 [2, C], edge_attr [C, ...] or None)``; ids node * F + feature."""
-        lv = self.level(level)
-        return self.causal_edge_index[lv], self.causal_edge_attr[lv]
+        causal = self._level_list[self.level(level)].causal
+        return causal.edge_index, causal.edge_attr
 
     def graphs(self, level: int | str) -> tuple[Graph, Graph]:
         """``(river, causal)``: the level's graphs as :class:`Graph` objects (built once),
         ready for :func:`fastcore.ops.spmm` and :class:`fastcore.nn.SpatioTemporalBlock`;
         the causal one is over the ``N * F`` (node, feature) ids."""
-        return self._graphs[self.level(level)]
+        level = self._level_list[self.level(level)]
+        return level.river, level.causal
 
     # ------------------------------------------------------------------ reporting
 

@@ -38,6 +38,7 @@ from torch import Tensor
 __all__ = [
     "gaussian_kl",
     "gaussian_kl_two",
+    "gaussian_nll",
     "inverse_standardize",
     "kl_beta",
     "masked_mae",
@@ -46,8 +47,10 @@ __all__ = [
     "negative_binomial_nll",
     "negative_binomial_nll_logits",
     "nonnegativity_penalty",
+    "poisson_nll_logits",
     "safe_standardize",
     "zero_inflated_negative_binomial_nll",
+    "zero_inflated_negative_binomial_nll_logits",
 ]
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -435,6 +438,165 @@ def zero_inflated_negative_binomial_nll(
     log_p_zero = torch.logaddexp(-_softplus(-logits), log_one_minus_pi + log_nb)
     log_p = torch.where(yv == 0, log_p_zero, log_one_minus_pi + log_nb)
     return _reduce(-log_p, weight, reduction)
+
+
+# ---------------------------------------------------------------------------------------
+# Log-space likelihoods of the distribution heads (fastcore.nn.heads)
+# ---------------------------------------------------------------------------------------
+
+
+def zero_inflated_negative_binomial_nll_logits(
+    y: Tensor,
+    log_mu: Tensor,
+    log_theta: Tensor | float,
+    pi_logits: Tensor,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Zero-inflated negative binomial NLL from log-mean, log-inverse-dispersion and the
+    zero-inflation logit: the log-space twin of :func:`zero_inflated_negative_binomial_nll`.
+
+    Shapes: ``y``, ``log_mu``, ``log_theta``, ``pi_logits`` broadcast together to the loss
+    shape ``S``; ``mask`` broadcastable to ``S``. Returns a scalar, or ``S`` for
+    ``reduction="none"``.
+
+    The NB part is :func:`negative_binomial_nll_logits` (``log_theta`` clamped to
+    [LOG_THETA_MIN, LOG_THETA_MAX], no eps clamp of mu: any finite ``log_mu`` is valid) and
+    the mixture is formed as in :func:`zero_inflated_negative_binomial_nll`, in log space
+    (pi = sigmoid(pi_logits) and 1 - pi are never formed)::
+
+        y = 0:  -logaddexp(log pi, log(1 - pi) + log NB(0; mu, theta))
+        y > 0:  -log(1 - pi) - log NB(y; mu, theta)
+
+    Finite, with finite gradients, for every finite input.
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import losses
+        >>> y = torch.tensor([0.0, 0.0, 4.0])
+        >>> log_mu, log_theta = torch.full((3,), 0.6931), torch.zeros(3)  # mu = 2, theta = 1
+        >>> logits = torch.tensor([0.0, -100.0, 0.0])  # pi = 0.5, ~0, 0.5
+        >>> zinb = losses.zero_inflated_negative_binomial_nll_logits(
+        ...     y, log_mu, log_theta, logits, reduction="none")
+        >>> nb = losses.negative_binomial_nll_logits(y, log_mu, log_theta, reduction="none")
+        >>> abs(zinb[1] - nb[1]).item() < 1e-6  # pi -> 0: the plain NB
+        True
+        >>> round((zinb[2] - nb[2]).item(), 4)  # y > 0 costs -log(1 - pi) = log 2 more
+        0.6931
+        >>> bool(zinb[0] < nb[0])  # a zero is likelier with zero inflation
+        True
+    """
+    fn = "zero_inflated_negative_binomial_nll_logits"
+    _check_tensor(fn, "y", y)
+    _check_tensor(fn, "log_mu", log_mu)
+    _check_tensor(fn, "pi_logits", pi_logits)
+    log_theta = _as_param(fn, "log_theta", log_theta, y)
+    p, valid, weight = _prepare_counts(
+        fn, reduction, mask, y=y, log_mu=log_mu, log_theta=log_theta, pi_logits=pi_logits
+    )
+    yv = _where_valid(valid, p["y"], 0.0)
+    lm = _where_valid(valid, p["log_mu"], 0.0)
+    lt = _where_valid(valid, p["log_theta"], 0.0)
+    logits = _where_valid(valid, p["pi_logits"], 0.0)
+    log_nb = _nb_log_prob(yv, lm, lt)
+    log_one_minus_pi = -_softplus(logits)
+    log_p_zero = torch.logaddexp(-_softplus(-logits), log_one_minus_pi + log_nb)
+    log_p = torch.where(yv == 0, log_p_zero, log_one_minus_pi + log_nb)
+    return _reduce(-log_p, weight, reduction)
+
+
+def poisson_nll_logits(
+    y: Tensor,
+    log_rate: Tensor,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Poisson negative log-likelihood from the log-rate.
+
+    Shapes: ``y`` (counts) and ``log_rate`` broadcast together to the loss shape ``S``;
+    ``mask`` broadcastable to ``S``. Returns a scalar, or ``S`` for ``reduction="none"``.
+
+    With rate = exp(log_rate)::
+
+        -log p(y) = exp(log_rate) - y log_rate + lgamma(y + 1)
+
+    the full NLL, equal to ``-torch.distributions.Poisson(rate).log_prob(y)``
+    (``torch.nn.functional.poisson_nll_loss`` leaves ``lgamma(y + 1)`` out by default). The
+    log-rate is used directly, so a rate near 0 never meets ``0 * log 0``; ``log_rate``
+    must be finite, and ``exp(log_rate)`` overflows to inf above the log of the dtype's
+    largest value (88.7 in float32), which the Poisson head's softplus link never reaches
+    for finite features. ``y`` is a non-negative count (not checked).
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import losses
+        >>> y, rate = torch.tensor([0.0, 2.0, 7.0]), torch.tensor([0.5, 2.0, 6.0])
+        >>> ours = losses.poisson_nll_logits(y, rate.log(), reduction="none")
+        >>> torch.allclose(ours, -torch.distributions.Poisson(rate).log_prob(y))
+        True
+        >>> losses.poisson_nll_logits(torch.zeros(1), torch.tensor([-1000.0])).item()  # p(0) = 1
+        0.0
+    """
+    fn = "poisson_nll_logits"
+    _check_tensor(fn, "y", y)
+    _check_tensor(fn, "log_rate", log_rate)
+    p, valid, weight = _prepare_counts(fn, reduction, mask, y=y, log_rate=log_rate)
+    yv = _where_valid(valid, p["y"], 0.0)
+    lr = _where_valid(valid, p["log_rate"], 0.0)
+    nll = lr.exp() - yv * lr + torch.lgamma(yv + 1.0)
+    return _reduce(nll, weight, reduction)
+
+
+_HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def gaussian_nll(
+    y: Tensor,
+    loc: Tensor,
+    scale: Tensor | float,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+    eps: float = 1e-12,
+) -> Tensor:
+    """Gaussian negative log-likelihood with mean ``loc`` and standard deviation ``scale``.
+
+    Shapes: ``y``, ``loc`` and ``scale`` broadcast together to the loss shape ``S``;
+    ``mask`` broadcastable to ``S``. Returns a scalar, or ``S`` for ``reduction="none"``.
+
+    With s = max(scale, eps) (zero gradient below ``eps``)::
+
+        -log p(y) = 0.5 ((y - loc) / s)^2 + log(s) + 0.5 log(2 pi)
+
+    the full NLL, equal to ``-torch.distributions.Normal(loc, scale).log_prob(y)``
+    (``torch.nn.functional.gaussian_nll_loss`` takes a variance and leaves the constant out
+    by default). As for the count likelihoods, missing targets are removed by ``mask``:
+    inputs at masked-out positions are replaced before any arithmetic, so NaN stored there
+    reaches neither the loss nor its gradient; a NaN target at a valid position makes the
+    loss NaN.
+
+    Examples:
+        >>> import torch
+        >>> from fastcore import losses
+        >>> y, loc, scale = torch.tensor([0.0, 1.0, 5.0]), torch.zeros(3), torch.tensor([1.0, 2.0, 0.5])
+        >>> ours = losses.gaussian_nll(y, loc, scale, reduction="none")
+        >>> torch.allclose(ours, -torch.distributions.Normal(loc, scale).log_prob(y))
+        True
+        >>> y_missing = torch.tensor([0.0, float("nan"), 5.0])
+        >>> valid = ~y_missing.isnan()
+        >>> losses.gaussian_nll(y_missing, loc, scale, mask=valid).item() == ours[valid].mean().item()
+        True
+    """
+    fn = "gaussian_nll"
+    _check_tensor(fn, "y", y)
+    _check_tensor(fn, "loc", loc)
+    eps = _check_positive(fn, "eps", eps)
+    scale = _as_param(fn, "scale", scale, y)
+    p, valid, weight = _prepare_counts(fn, reduction, mask, y=y, loc=loc, scale=scale)
+    yv = _where_valid(valid, p["y"], 0.0)
+    mv = _where_valid(valid, p["loc"], 0.0)
+    sv = _where_valid(valid, p["scale"], 1.0).clamp(min=eps)
+    z = (yv - mv) / sv
+    return _reduce(0.5 * z * z + sv.log() + _HALF_LOG_TWO_PI, weight, reduction)
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 from fastcore.losses import (
     gaussian_kl,
     gaussian_kl_two,
+    gaussian_nll,
     inverse_standardize,
     kl_beta,
     masked_mae,
@@ -20,8 +21,10 @@ from fastcore.losses import (
     negative_binomial_nll,
     negative_binomial_nll_logits,
     nonnegativity_penalty,
+    poisson_nll_logits,
     safe_standardize,
     zero_inflated_negative_binomial_nll,
+    zero_inflated_negative_binomial_nll_logits,
 )
 
 F32, F64 = torch.float32, torch.float64
@@ -899,3 +902,137 @@ def test_bfloat16_under_autocast_matches_float32():
             out.item(),
             ref.item(),
         )
+
+
+# ---------------------------------------------------------------------------------------
+# Log-space likelihoods of the distribution heads: Poisson, Gaussian, ZINB from logs
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_poisson_nll_logits_matches_torch_distributions(dtype):
+    y = counts((200,), 40, seed=70)
+    log_rate = uniform((200,), -6, 4, seed=71)
+    ref = -torch.distributions.Poisson(log_rate.exp()).log_prob(y)
+    out = poisson_nll_logits(y.to(dtype), log_rate.to(dtype), reduction="none")
+    tol = {F32: 2e-5, F64: 1e-12}[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    # A rate far below 1 at y = 0 is probability 1; y > 0 there is finite (no 0 * log 0).
+    tiny = poisson_nll_logits(
+        torch.tensor([0.0, 3.0]), torch.tensor([-1000.0, -1000.0]), reduction="none"
+    )
+    assert tiny[0].item() == 0.0 and math.isfinite(tiny[1].item())
+
+
+def test_poisson_nll_logits_mask_and_gradcheck():
+    y = torch.tensor([0.0, 2.0, NAN, 5.0], dtype=F64)
+    log_rate = torch.tensor([0.1, 0.7, NAN, 1.2], dtype=F64, requires_grad=True)
+    valid = ~torch.isnan(y)
+    out = poisson_nll_logits(y, log_rate, mask=valid)
+    (grad,) = torch.autograd.grad(out, log_rate)
+    assert all_finite(out, grad) and grad[2] == 0
+    torch.testing.assert_close(out, poisson_nll_logits(y[valid], log_rate[valid].detach()))
+    lr = torch.tensor([-2.0, 0.3, 3.0], dtype=F64, requires_grad=True)
+    yy = torch.tensor([0.0, 1.0, 17.0], dtype=F64)
+    assert torch.autograd.gradcheck(lambda a: poisson_nll_logits(yy, a, reduction="none"), (lr,))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_gaussian_nll_matches_normal_log_prob(dtype):
+    y = uniform((200,), -5, 5, seed=72)
+    loc = uniform((200,), -2, 2, seed=73)
+    scale = log_uniform((200,), 1e-3, 1e3, seed=74)
+    ref = -torch.distributions.Normal(loc, scale).log_prob(y)
+    out = gaussian_nll(y.to(dtype), loc.to(dtype), scale.to(dtype), reduction="none")
+    tol = {F32: 2e-5, F64: 1e-12}[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    scalar = gaussian_nll(y, loc, 2.0, reduction="none")
+    torch.testing.assert_close(scalar, -torch.distributions.Normal(loc, 2.0).log_prob(y))
+
+
+def test_gaussian_nll_edges_mask_and_gradcheck():
+    zero_scale = torch.zeros(2, requires_grad=True)
+    out = gaussian_nll(torch.tensor([0.0, 1.0]), torch.zeros(2), zero_scale)
+    (grad,) = torch.autograd.grad(out, zero_scale)
+    assert all_finite(out, grad) and bool((grad == 0).all())  # clamped at eps: zero gradient
+    y = torch.tensor([0.5, NAN, -1.0], dtype=F64)
+    loc = torch.tensor([0.0, NAN, 1.0], dtype=F64, requires_grad=True)
+    out = gaussian_nll(y, loc, torch.ones(3, dtype=F64), mask=~torch.isnan(y))
+    (grad,) = torch.autograd.grad(out, loc)
+    assert all_finite(out, grad) and grad[1] == 0
+    a = torch.tensor([0.3, -1.0], dtype=F64, requires_grad=True)
+    s = torch.tensor([0.5, 2.0], dtype=F64, requires_grad=True)
+    yy = torch.tensor([1.0, -2.0], dtype=F64)
+    assert torch.autograd.gradcheck(lambda m, sc: gaussian_nll(yy, m, sc, reduction="none"), (a, s))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_zinb_logits_equals_the_mean_parameterised_version(dtype):
+    y = counts((150,), 15, seed=75) * (torch.rand(150, generator=gen(76)) > 0.4)
+    mu = log_uniform((150,), 1e-2, 80.0, seed=77)
+    theta = log_uniform((150,), 1e-2, 1e4, seed=78)
+    logits = uniform((150,), -6, 6, seed=79)
+    ref = zero_inflated_negative_binomial_nll(y, mu, theta, logits, reduction="none")
+    args = [t.to(dtype) for t in (y, mu.log(), theta.log(), logits)]
+    out = zero_inflated_negative_binomial_nll_logits(*args, reduction="none")
+    tol = {F32: 5e-6, F64: 1e-12}[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize(
+    "case", ZINB_EDGES, ids=lambda c: "y{:g}-mu{:g}-theta{:g}-l{:g}".format(*c)
+)
+def test_zinb_logits_edges_against_mpmath(case):
+    y, mu, theta, logit = case
+    truth = zinb_nll_mpmath(*case)
+    log_mu = torch.tensor([math.log(mu)], dtype=F64, requires_grad=True)
+    log_theta = torch.tensor([math.log(theta)], dtype=F64, requires_grad=True)
+    logits = torch.tensor([logit], dtype=F64, requires_grad=True)
+    out = zero_inflated_negative_binomial_nll_logits(
+        torch.tensor([y], dtype=F64), log_mu, log_theta, logits
+    )
+    grads = torch.autograd.grad(out, (log_mu, log_theta, logits))
+    assert all_finite(out, *grads)
+    tol = NB_TOL[F64] * (nb_scale(y, mu, theta) + abs(logit))
+    assert abs(out.item() - truth) <= tol, (out.item(), truth)
+
+
+def test_zinb_logits_extreme_logs_finite_and_gradcheck():
+    y = torch.tensor([0.0, 0.0, 5.0, 5.0], dtype=F32)
+    lm = torch.tensor([80.0, -80.0, 80.0, -80.0], requires_grad=True)
+    lt = torch.tensor([100.0, -100.0, -100.0, 100.0], requires_grad=True)
+    pl = torch.tensor([30.0, -30.0, -30.0, 30.0], requires_grad=True)
+    out = zero_inflated_negative_binomial_nll_logits(y, lm, lt, pl, reduction="none")
+    grads = torch.autograd.grad(out.sum(), (lm, lt, pl))
+    assert all_finite(out, *grads)
+    yy = torch.tensor([0.0, 0.0, 2.0, 7.0], dtype=F64)
+    args = [
+        torch.tensor(v, dtype=F64, requires_grad=True)
+        for v in ([0.2, 1.5, 0.4, 1.8], [-0.3, 0.7, 3.0, 1.6], [-1.2, 0.5, 2.0, -0.3])
+    ]
+    assert torch.autograd.gradcheck(
+        lambda *a: zero_inflated_negative_binomial_nll_logits(yy, *a, reduction="none"), args
+    )
+
+
+def test_log_space_likelihoods_compile_fullgraph():
+    y = counts((4, 8), 15, seed=80, dtype=F32)
+    mask = torch.rand(4, 8, generator=gen(81)) < 0.7
+    log_mu = uniform((4, 8), -2, 3, seed=82, dtype=F32).requires_grad_()
+    log_theta = uniform((8,), -1, 4, seed=83, dtype=F32).requires_grad_()
+    logits = uniform((4, 8), -3, 3, seed=84, dtype=F32).requires_grad_()
+    scale = log_uniform((4, 8), 0.1, 3.0, seed=85, dtype=F32).requires_grad_()
+    calls = {
+        "poisson": (poisson_nll_logits, (y, log_mu)),
+        "gaussian": (gaussian_nll, (y, log_mu, scale)),
+        "zinb": (zero_inflated_negative_binomial_nll_logits, (y, log_mu, log_theta, logits)),
+    }
+    for name, (fn, args) in calls.items():
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        out, expected = compiled(*args, mask=mask), fn(*args, mask=mask)
+        torch.testing.assert_close(out, expected, msg=name)
+        leaves = [a for a in args if a.requires_grad]
+        for got, ref in zip(
+            torch.autograd.grad(out, leaves), torch.autograd.grad(expected, leaves), strict=True
+        ):
+            torch.testing.assert_close(got, ref, msg=name)

@@ -100,23 +100,34 @@ def test_block_checks_its_graphs_at_entry():
 
 
 def gru_reference(cell, x, h, graph):
-    """GraphGRUCell written out with the reference spmm."""
-    weight = cell.gate(graph, x.dtype)
-    mixed = reference.spmm(torch.cat([x, h], -1), graph.edge_index, weight, dim=-2)
+    """GraphGRUCell written out with the reference spmm; with ``add_self_loops`` (the
+    default) over the graph with a loop appended to every node, the degrees counting it."""
+    edge_index, weight = graph.edge_index, cell.gate(graph, x.dtype)
+    if cell.add_self_loops:
+        nodes = torch.arange(graph.num_nodes, device=x.device)
+        edge_index = torch.cat([edge_index, torch.stack([nodes, nodes])], 1)
+        src, dst = edge_index
+        out_deg = torch.bincount(src, minlength=graph.num_nodes).to(x.dtype)
+        in_deg = torch.bincount(dst, minlength=graph.num_nodes).to(x.dtype)
+        norm = (out_deg[src] * in_deg[dst]).rsqrt()
+        gate = torch.sigmoid(cell.gate.gate(graph.edge_attr.to(x.dtype))).squeeze(-1)
+        weight = torch.cat([norm[: graph.num_edges] * gate, norm[graph.num_edges :]])
+    mixed = reference.spmm(torch.cat([x, h], -1), edge_index, weight, dim=-2)
     z, r, n_x, n_h = cell.weight(mixed).chunk(4, -1)
     n = torch.tanh(n_x + torch.sigmoid(r) * n_h)
     return (1 - torch.sigmoid(z)) * n + torch.sigmoid(z) * h
 
 
+@pytest.mark.parametrize("loops", [True, False], ids=["self_loops", "neighbours_only"])
 @pytest.mark.parametrize(("device", "backend"), backend_params("spmm"))
-def test_graph_gru_cell(device, backend):
+def test_graph_gru_cell(device, backend, loops):
     graph = Graph(
         randint(12, (2, 40), torch.int64, device, 15),
         12,
         edge_attr=randn((40, 2), torch.float64, device, 16),
     )
     torch.manual_seed(17)
-    cell = GraphGRUCell(5, 6, edge_dim=2).double().to(device)
+    cell = GraphGRUCell(5, 6, edge_dim=2, add_self_loops=loops).double().to(device)
     x = randn((3, 4, 12, 5), torch.float64, device, seed=18).requires_grad_()
     h = randn((3, 4, 12, 6), torch.float64, device, seed=19).requires_grad_()
     with use_backend(backend):

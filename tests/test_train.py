@@ -26,7 +26,7 @@ from fastcore.train import (
     check_gradients,
 )
 from fastcore.train import checkpoint as ckpt_io
-from fastcore.train.cli import main, resolve_config, run
+from fastcore.train.cli import evaluate_run, main, resolve_config, run
 from fastcore.train.trainer import cosine_with_warmup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +168,14 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert a.keys() == b.keys() == set(range(1, 15))
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-5)
+    # evaluate, in one process, reproduces the validation rank 0 logged with best.pt, to
+    # float rounding: the two ranks validated 16-sample shards of the batches of 32
+    report = evaluate_run(ddp)
+    best = ckpt_io.load(ddp / "checkpoints" / "best.pt")
+    logged = next(r for r in rows(ddp, "val") if r["step"] == best["step"])
+    assert report["step"] == best["step"] and report["metrics"].keys() == best["metrics"].keys()
+    for key, value in report["metrics"].items():
+        assert value == pytest.approx(logged[key], rel=1e-5)
     # the masks matter: without dropout the same run ends elsewhere
     run(config(tmp_path / "nodrop", "model.dropout=0"))
     nodrop = final_weights(tmp_path / "nodrop")
@@ -189,7 +197,9 @@ def test_mixed_precision_runs(tmp_path, precision):
     assert len(curve) == 8 and all(torch.isfinite(torch.tensor(v)) for v in curve.values())
     assert curve[8] < curve[1]
     state = ckpt_io.load(ckpt_io.step_checkpoints(run_dir / "checkpoints")[-1])
-    assert all(v.dtype == torch.float32 for v in state["model"].values())
+    # the weights stay float32 (integer buffers, such as a graph's edges, stay integers)
+    floats = [v for v in state["model"].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float32 for v in floats)
     assert state["scaler"] if precision == "fp16" else True
 
 
@@ -315,6 +325,7 @@ BAD_VALUES = [
     ("train.seed=-1", "train.seed = -1: expected an int in [0, 4294967295]"),
     ("train.subset=1.5", "train.subset = 1.5: expected null or a float in (0, 1]"),
     ("train.max_steps=0", "train.max_steps = 0: expected null or an int >= 1"),
+    ("train.patience=0", "train.patience = 0: expected null or an int >= 1"),
     ("debug.nan_grad_steps=[0,2]", "debug.nan_grad_steps = [0, 2]: expected a list of ints >= 1"),
     (
         "run_dir=runs/{jbo}",
@@ -506,3 +517,229 @@ def test_cosine_schedule_with_warmup():
     assert f(4) == pytest.approx(1.0)
     assert f(9) == pytest.approx(0.1 + 0.9 * 0.5)
     assert f(14) == pytest.approx(0.1) and f(20) == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------- early stopping
+
+# A job whose validation metric follows a script, so a test knows when it must stop. On
+# ranks > 0 (skew_other_ranks) it improves at every validation: only rank 0's decision,
+# shared with the others, keeps every rank stopping together (a rank that decided alone
+# would wait forever at best.pt's barrier, or train on alone).
+SCRIPTED_JOB = '''
+"""A job whose val_score follows data.scores (the early-stopping tests)."""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from fastcore.train import JobParts, option
+
+
+@dataclass
+class DataConfig:
+    scores: list[float] = option([1.0], "val_score of the k-th validation (the last repeats)")
+    skew_other_ranks: bool = option(False, "ranks > 0 report a score improving every time")
+    validate: bool = option(True, "whether the job has a validation set")
+
+
+@dataclass
+class ModelConfig:
+    width: int = option(4, "inputs of the linear model", ge=1)
+
+
+def build(cfg, ctx):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, cfg.model.width, generator=g)
+    y = x.sum(1, keepdim=True)
+    model = nn.Linear(cfg.model.width, 1)
+    calls = [0]
+
+    def loss_fn(model, batch):
+        xb, yb = batch
+        return (model(xb) - yb).pow(2).mean(), {}
+
+    def evaluate(model):
+        k = calls[0]
+        calls[0] += 1
+        if ctx.rank > 0 and cfg.data.skew_other_ranks:
+            return {"score": -float(k)}
+        return {"score": cfg.data.scores[min(k, len(cfg.data.scores) - 1)]}
+
+    return JobParts(
+        model=model,
+        train_set=TensorDataset(x, y),
+        val_set=TensorDataset(x[:16], y[:16]) if cfg.data.validate else None,
+        loss_fn=loss_fn,
+        evaluate=evaluate,
+        evaluate_metrics=("score",),
+    )
+'''
+
+# 64 samples, batch 16: 4 steps per epoch, 12 in all; a validation after every step.
+SCRIPTED = [
+    "job=scripted_job",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "train.threads=1",
+    "train.epochs=3",
+    "train.batch_size=16",
+    "train.eval_every_steps=1",
+    "checkpoint.best_metric=val_score",
+    # best at step 2 (0.5), then three validations without improvement: the one at step 4
+    # ends epoch 1 and must count once, so the third is step 5's, mid-epoch 2
+    "data.scores=[1.0,0.5,0.6,0.55,0.58]",
+]
+
+
+@pytest.fixture
+def scripted_job(tmp_path, monkeypatch):
+    """``job: scripted_job`` importable from ``tmp_path`` (as a module next to the command)."""
+    (tmp_path / "scripted_job.py").write_text(SCRIPTED_JOB)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("scripted_job", None)
+
+
+def rows(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_patience_stops_the_run_and_leaves_it_consistent(scripted_job):
+    run_dir = scripted_job / "run"
+    val = run(resolve_config(None, [f"run_dir={run_dir}", *SCRIPTED, "train.patience=3"]))
+    assert [r["step"] for r in rows(run_dir, "train")] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in rows(run_dir, "val")] == [1, 2, 3, 4, 5]  # none twice
+    (stop,) = rows(run_dir, "stop")
+    assert stop == {
+        "kind": "stop",
+        "step": 5,
+        "epoch": 1,
+        "best": 0.5,
+        "best_step": 2,
+        "evals_since_best": 3,
+        "patience": 3,
+    }
+    text = (run_dir / "train.log").read_text()
+    assert (
+        "[STOP] step 5: val_score has not improved (min; best 0.5 at step 2) for 3 "
+        "validations in a row (train.patience = 3); stopping early" in text
+    )
+    assert val["val_score"] == 0.58
+    # best.pt is step 2's; the newest step checkpoint is where the run stopped
+    best = ckpt_io.load(run_dir / "checkpoints" / "best.pt")
+    assert (best["step"], best["best"], best["metrics"]["val_score"]) == (2, 0.5, 0.5)
+    last = ckpt_io.load(ckpt_io.step_checkpoints(run_dir / "checkpoints")[-1])
+    assert (last["step"], last["evals_since_best"], last["best_step"]) == (5, 3, 2)
+    assert last["metrics"] == val and last["metrics_step"] == 5
+
+    # resumed as it was, it trains no further and says why
+    again = run(
+        resolve_config(None, [f"run_dir={run_dir}", *SCRIPTED, "train.patience=3"]), "latest"
+    )
+    assert again == val
+    assert [r["step"] for r in rows(run_dir, "train")] == [1, 2, 3, 4, 5]
+    assert (
+        "[STOP] resumed a run that stopped early at step 5" in (run_dir / "train.log").read_text()
+    )
+    # more patience trains on (the resumed job's scores start again at 1.0, then 0.5:
+    # neither beats 0.5, so two more validations use up a patience of 5)
+    run(resolve_config(None, [f"run_dir={run_dir}", *SCRIPTED, "train.patience=5"]), "latest")
+    assert [r["step"] for r in rows(run_dir, "train")] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r["step"] for r in rows(run_dir, "stop")] == [5, 7]
+    # and none trains to the end
+    run(resolve_config(None, [f"run_dir={run_dir}", *SCRIPTED, "train.patience=null"]), "latest")
+    assert [r["step"] for r in rows(run_dir, "train")] == list(range(1, 13))
+    assert ckpt_io.step_checkpoints(run_dir / "checkpoints")[-1].name == "step-00000012.pt"
+
+
+def test_patience_needs_a_validation_set(scripted_job):
+    cfg = resolve_config(
+        None, [f"run_dir={scripted_job / 'run'}", *SCRIPTED, "data.validate=false"]
+    )
+    run(cfg)  # without patience: trains, writes no best.pt
+    assert not (scripted_job / "run" / "checkpoints" / "best.pt").exists()
+    cfg.train.patience = 2
+    with pytest.raises(
+        ConfigError,
+        match=r"^train\.patience = 2: expected null: job 'scripted_job' has no validation set",
+    ):
+        run(cfg)
+
+
+def test_patience_under_torchrun_stops_every_rank_together(scripted_job):
+    # rank 1's own score improves at every validation; rank 0's decision rules
+    single = scripted_job / "single"
+    run(resolve_config(None, [f"run_dir={single}", *SCRIPTED, "train.patience=3"]))
+    ddp = scripted_job / "ddp"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = [f"run_dir={ddp}", *SCRIPTED, "train.patience=3", "data.skew_other_ranks=true"]
+    out = subprocess.run(
+        [*launcher, "-m", "fastcore.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=scripted_job,  # scripted_job.py is found in the directory the command runs in
+        env={**os.environ, "PYTHONPATH": IMPORTED_FROM, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "world 2" in out.stderr and "[STOP] step 5:" in out.stderr
+    assert rows(ddp, "stop") == rows(single, "stop")
+    a, b = losses(ddp), losses(single)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5)
+    best = ckpt_io.load(ddp / "checkpoints" / "best.pt")
+    assert (best["step"], best["best"]) == (2, 0.5)
+
+
+def test_unknown_job_says_how_to_name_a_module(tmp_path, scripted_job, capsys):
+    with pytest.raises(ConfigError) as caught:
+        resolve_config(None, ["job=exmaple"])
+    message = str(caught.value)
+    assert message.startswith(
+        "unknown job 'exmaple'; registered jobs: basin, example, kv_distill, temporal_align "
+        "(did you mean 'example'?); or a module path: 'job: my_job' imports my_job.py"
+    )
+    assert "'job: mypackage.my_job' imports mypackage/my_job.py" in message
+    assert "\n" not in message
+    # a module on sys.path (the command's directory) is a job by its name, dotted or not
+    assert resolve_config(None, ["job=scripted_job"]).data.scores == [1.0]
+    with pytest.raises(ConfigError, match=r"^unknown job 'nopackage\.my_job'; registered"):
+        resolve_config(None, ["job=nopackage.my_job"])
+    # an importable module that is not a job
+    with pytest.raises(
+        ConfigError,
+        match=r"^job 'json': module 'json' is not a job module: it lacks DataConfig, "
+        r"ModelConfig, build \(expected",
+    ):
+        resolve_config(None, ["job=json"])
+    # a job module whose own import fails names what is missing
+    (tmp_path / "broken_job.py").write_text("import not_installed_dependency\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"^job 'broken_job': importing module 'broken_job' failed: ModuleNotFoundError: "
+        r"No module named 'not_installed_dependency'$",
+    ):
+        resolve_config(None, ["job=broken_job"])
+    assert main(["--describe", "exmaple"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "fastcore.train: error: ConfigError: unknown job 'exmaple'"
+    )
+
+
+def test_register_job(scripted_job):
+    from fastcore.train.jobs import JOBS, register_job
+
+    register_job("scripted", "scripted_job")
+    try:
+        assert resolve_config(None, ["job=scripted"]).job == "scripted"
+    finally:
+        del JOBS["scripted"]
+    with pytest.raises(ValueError, match=r"job name 'my job': expected a non-empty name"):
+        register_job("my job", "scripted_job")
+    with pytest.raises(ValueError, match=r"job module 'my-job': expected an import path"):
+        register_job("mine", "my-job")
+    with pytest.raises(TypeError, match="takes two strings"):
+        register_job("mine", scripted_job)

@@ -1,6 +1,12 @@
 """``fastcore.Graph``: a directed graph validated once, with the sparse layouts that
 :func:`fastcore.ops.spmm` runs (CSR by destination, its transpose and the permutations
-between them) computed once, so a convolution over it never reads index values again."""
+between them) computed once, so a convolution over it never reads index values again.
+
+A Graph is a ``torch.nn.Module`` whose tensors are buffers: assigned to a module's
+attribute it moves with the module (``.to``, ``.cuda``, ``.double``) and is saved in its
+``state_dict``. The helpers below (:func:`copy_sharing_tensors`, :func:`load_structure`)
+give :class:`~fastcore.ops.resample.Resample` and :class:`~fastcore.graph.Hierarchy` the
+same behaviour."""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fastcore.ops._csr import index_csr, inverse_permutation
 
@@ -95,7 +102,92 @@ def _checked_edge_index_fake(edge_index, num_nodes):
     return torch.empty_like(edge_index)
 
 
-class Graph:
+def _tensors_in(value: Any, out: dict[int, torch.Tensor]) -> None:
+    """Every tensor in ``value``, looking inside dicts, lists and tuples (one module's
+    attribute: its buffer dict, a cache), keyed by id."""
+    if isinstance(value, torch.Tensor):
+        out[id(value)] = value
+    elif isinstance(value, dict):
+        for item in value.values():
+            _tensors_in(item, out)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _tensors_in(item, out)
+
+
+def copy_sharing_tensors(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` and its submodules (their buffer dicts, caches and metadata
+    copied) that shares every tensor with the original: what a structure's ``.to()``
+    moves, so that the original is left as it was."""
+    memo: dict[int, Any] = {}
+    for m in module.modules():
+        _tensors_in(vars(m), memo)
+    return copy.deepcopy(module, memo)
+
+
+def load_structure(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    names: Sequence[str],
+    counts: dict[str, int],
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> dict[str, torch.Tensor] | None:
+    """The first half of a structure's ``_load_from_state_dict``: its persistent buffers
+    ``names`` (those it holds, i.e. not None) read from ``state_dict``, each a fresh tensor
+    on the buffer's device with its dtype. Missing and (under ``strict``) unexpected keys
+    are reported as ``nn.Module`` reports them; a size in ``counts`` (a 0-d buffer such as
+    a node count, and the int it must equal) or a shape unlike the module's is an error
+    naming the key and both values. None when anything is missing or wrong: the caller then
+    loads nothing, so a structure is never left half-replaced. The caller validates the
+    values and installs them (new tensors, never copied into the old ones, which may be
+    shared with other objects)."""
+    for hook in module._load_state_dict_pre_hooks.values():  # as nn.Module's loader runs them
+        hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+    kind = getattr(module, "structure_name", type(module).__name__)
+    for name, want in counts.items():  # the sizes first: they explain a shape mismatch
+        got = state_dict.get(prefix + name)
+        if isinstance(got, torch.Tensor) and got.numel() == 1 and int(got) != want:
+            error_msgs.append(
+                f"size mismatch for {prefix}{name}: {int(got)} in the checkpoint, {want} in this "
+                f"{kind}"
+            )
+            return None
+    own = {name: module._buffers[name] for name in names if module._buffers.get(name) is not None}
+    if strict:
+        for key in state_dict:
+            if key.startswith(prefix):
+                head = key[len(prefix) :].split(".", 1)[0]
+                if head not in own and head not in module._modules:
+                    unexpected_keys.append(key)
+    loaded = {}
+    complete = True
+    for name, current in own.items():
+        key = prefix + name
+        if key not in state_dict:
+            missing_keys.append(key)
+            complete = False
+            continue
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            error_msgs.append(f"{key}: expected a tensor, got {type(value).__name__}")
+            complete = False
+        elif value.shape != current.shape:
+            error_msgs.append(
+                f"size mismatch for {key}: shape {tuple(value.shape)} in the checkpoint, "
+                f"{tuple(current.shape)} in this {kind}"
+            )
+            complete = False
+        else:
+            loaded[name] = value.detach().to(device=current.device, dtype=current.dtype, copy=True)
+    return loaded if complete else None
+
+
+class Graph(nn.Module):
     """A directed graph over ``num_nodes`` nodes for :func:`fastcore.ops.spmm`, validated
     once, with the sparse layouts every convolution needs computed once.
 
@@ -110,6 +202,17 @@ class Graph:
     * ``in_degree`` / ``out_degree [N]`` and :meth:`normalization` weights.
 
     Using a Graph never reads index values again, so it never synchronises with a GPU.
+
+    A Graph is a ``torch.nn.Module`` whose tensors are buffers. Assigned to an attribute of
+    a module (``self.graph = graph``), it moves with the module: ``module.to(device)``,
+    ``.cuda()``, ``.double()`` / ``.half()`` move every tensor (float ones such as
+    ``edge_attr`` take the new dtype; the int64 indices never change dtype), and it is part
+    of ``module.state_dict()``: ``edge_index``, ``edge_attr`` (when given) and
+    ``node_count`` (N as a 0-d int64 tensor) are persistent; the layouts above are
+    non-persistent buffers, rebuilt when ``load_state_dict`` brings other edges. Loading a
+    graph of another size (nodes, edges or ``edge_attr`` shape) is an error naming the key
+    and both sizes. On a Graph itself, ``graph.to(...)`` returns a moved copy and leaves
+    ``graph`` as it is.
 
     Args:
         edge_index: int ``[2, E]`` (torch, NumPy or nested lists), values in ``[0, num_nodes)``.
@@ -130,6 +233,7 @@ class Graph:
         *,
         device: torch.device | str | None = None,
     ) -> None:
+        super().__init__()
         if (
             isinstance(num_nodes, bool)
             or not isinstance(num_nodes, (int, np.integer))
@@ -161,74 +265,133 @@ class Graph:
                 )
             edge_attr = edge_attr.to(dev)
         self.num_nodes = n
-        self.edge_index = ei
-        self.edge_attr = edge_attr
+        self._set_edges(ei)
+        self.register_buffer("edge_attr", edge_attr)
+        self.register_buffer("node_count", torch.tensor(n, dtype=torch.int64, device=dev))
+
+    def _set_edges(self, ei: torch.Tensor) -> None:
+        """Install validated edges (int64 ``[2, E]``) and the layouts built from them."""
+        n = self.num_nodes
         src, dst = ei[0], ei[1]
-        self.perm, self.ptr = index_csr(dst, n)
-        self.col = src[self.perm]
-        by_source, self.t_ptr = index_csr(src, n)
-        self.t_col = dst[by_source]
-        self.t_edge = inverse_permutation(self.perm)[by_source]
-        self.t_pos = inverse_permutation(self.t_edge)
-        self.in_degree = self.ptr.diff()
-        self.out_degree = self.t_ptr.diff()
-        self._norms: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        perm, ptr = index_csr(dst, n)
+        by_source, t_ptr = index_csr(src, n)
+        t_edge = inverse_permutation(perm)[by_source]
+        self.register_buffer("edge_index", ei)
+        derived = {
+            "perm": perm,
+            "ptr": ptr,
+            "col": src[perm],
+            "t_ptr": t_ptr,
+            "t_col": dst[by_source],
+            "t_edge": t_edge,
+            "t_pos": inverse_permutation(t_edge),
+            "in_degree": ptr.diff(),
+            "out_degree": t_ptr.diff(),
+        }
+        for name, tensor in derived.items():
+            self.register_buffer(name, tensor, persistent=False)
+        # normalization() weights per (kind, dtype, self_loops): keyed by dtype, so a module
+        # cast leaves them as they are; _apply moves them with the graph.
+        self._norms: dict[tuple[str, torch.dtype, bool], torch.Tensor] = {}
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        device = self.edge_index.device
+        self._norms = {k: v.to(device) for k, v in self._norms.items()}
+        return self
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        loaded = load_structure(
+            self,
+            state_dict,
+            prefix,
+            local_metadata,
+            ("edge_index", "edge_attr", "node_count"),
+            {"node_count": self.num_nodes},
+            strict,
+            missing_keys,
+            unexpected_keys,
+            error_msgs,
+        )
+        if loaded is None:
+            return
+        ei = loaded["edge_index"]
+        try:
+            check_edge_index(ei, self.num_nodes)
+        except IndexError as err:
+            error_msgs.append(f"{prefix}edge_index: {err}")
+            return
+        if not torch.equal(ei, self.edge_index):
+            self._set_edges(ei)
+        if "edge_attr" in loaded:
+            self.edge_attr = loaded["edge_attr"]
+
+    # The accessors the ops call on every use read the buffer dict directly: nn.Module's
+    # attribute lookup for a buffer costs about a microsecond each.
 
     @property
     def num_edges(self) -> int:
-        return int(self.edge_index.shape[1])
+        return int(self._buffers["edge_index"].shape[1])
 
     @property
     def device(self) -> torch.device:
-        return self.edge_index.device
+        return self._buffers["edge_index"].device
 
     def csr(self) -> tuple[torch.Tensor, ...]:
         """``(ptr, col, t_ptr, t_col, t_edge, t_pos)``: the structure arguments of
         ``fastcore::spmm``."""
-        return self.ptr, self.col, self.t_ptr, self.t_col, self.t_edge, self.t_pos
+        b = self._buffers
+        return b["ptr"], b["col"], b["t_ptr"], b["t_col"], b["t_edge"], b["t_pos"]
 
-    def normalization(self, kind: str = "sym", dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Per-edge weights ``[E]`` in edge order, computed once per (kind, dtype):
-        ``"sym"``: ``1 / sqrt(out_degree[src] * in_degree[dst])``; ``"mean"``:
-        ``1 / in_degree[dst]`` (each destination averages its incoming rows); ``"none"``: 1."""
+    def normalization(
+        self, kind: str = "sym", dtype: torch.dtype | None = None, *, self_loops: bool = False
+    ) -> torch.Tensor:
+        """Per-edge weights ``[E]`` in edge order, computed once per (kind, dtype,
+        self_loops): ``"sym"``: ``1 / sqrt(out_degree[src] * in_degree[dst])``; ``"mean"``:
+        ``1 / in_degree[dst]`` (each destination averages its incoming rows); ``"none"``: 1.
+
+        ``self_loops=True``: the weights of this graph with a self loop added to every node,
+        the degrees counting the loop (GCN's normalization): ``[E + N]``, the E edges in
+        edge order, then node v's loop at ``E + v`` (``"sym"``:
+        ``1 / sqrt((out_degree[v] + 1) * (in_degree[v] + 1))``; ``"mean"``:
+        ``1 / (in_degree[v] + 1)``; ``"none"``: 1). The graph itself gains no edges."""
         if kind not in NORMALIZATIONS:
             raise ValueError(
                 f"Graph.normalization: kind must be one of {', '.join(NORMALIZATIONS)}; got {kind!r}"
             )
         dtype = dtype or torch.get_default_dtype()
-        key = (kind, dtype)
+        key = (kind, dtype, bool(self_loops))
         if key not in self._norms:
             src, dst = self.edge_index
-            deg_in = self.in_degree.to(dtype)
             if kind == "none":
-                w = torch.ones(self.num_edges, dtype=dtype, device=self.device)
-            elif kind == "mean":
-                w = deg_in[dst].reciprocal()
+                size = self.num_edges + (self.num_nodes if self_loops else 0)
+                w = torch.ones(size, dtype=dtype, device=self.device)
+            elif not self_loops:
+                deg_in = self.in_degree.to(dtype)
+                if kind == "mean":
+                    w = deg_in[dst].reciprocal()
+                else:
+                    w = (self.out_degree.to(dtype)[src] * deg_in[dst]).rsqrt()
             else:
-                w = (self.out_degree.to(dtype)[src] * deg_in[dst]).rsqrt()
+                deg_in = self.in_degree.to(dtype) + 1
+                if kind == "mean":
+                    inv = deg_in.reciprocal()
+                    w = torch.cat([inv[dst], inv])
+                else:
+                    deg_out = self.out_degree.to(dtype) + 1
+                    w = torch.cat(
+                        [(deg_out[src] * deg_in[dst]).rsqrt(), (deg_out * deg_in).rsqrt()]
+                    )
             self._norms[key] = w
         return self._norms[key]
 
-    def to(self, device: torch.device | str) -> Graph:
-        """A copy with every tensor on ``device`` (no re-validation)."""
-        other = copy.copy(self)
-        for name in (
-            "edge_index",
-            "perm",
-            "ptr",
-            "col",
-            "t_ptr",
-            "t_col",
-            "t_edge",
-            "t_pos",
-            "in_degree",
-            "out_degree",
-        ):
-            setattr(other, name, getattr(self, name).to(device))
-        if self.edge_attr is not None:
-            other.edge_attr = self.edge_attr.to(device)
-        other._norms = {k: v.to(device) for k, v in self._norms.items()}
-        return other
+    def to(self, *args: Any, **kwargs: Any) -> Graph:
+        """A copy with every tensor moved or cast as ``nn.Module.to`` would (float tensors
+        take a float dtype, int64 indices stay int64; no re-validation). This graph is left
+        as it is; a module holding it moves it in place with its own ``.to()``."""
+        return nn.Module.to(copy_sharing_tensors(self), *args, **kwargs)
 
     def __repr__(self) -> str:
         attr = "" if self.edge_attr is None else f", edge_attr={tuple(self.edge_attr.shape)}"

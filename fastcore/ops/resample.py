@@ -13,12 +13,15 @@ applied by the spmm kernels; :func:`fastcore.ops.kv_project` takes one.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from torch import nn
 
 from fastcore.ops._checks import FLOAT_DTYPES, check_dtype, normalize_dim
 from fastcore.ops._csr import index_csr, inverse_permutation
 from fastcore.ops.gather import gather
+from fastcore.ops.graph import copy_sharing_tensors, load_structure
 from fastcore.ops.spmm import apply_csr
 
 __all__ = ["Resample", "build_safe_linear_indices", "safe_time_resample"]
@@ -124,7 +127,7 @@ def safe_time_resample(
     return gather(x, index.long().clamp(0, steps - 1), dim, check=False)
 
 
-class Resample:
+class Resample(nn.Module):
     """A linear map from ``num_src`` teacher steps to ``num_dst`` student steps as CSR rows:
     student step s is ``sum_k weight[k] * x[idx[k]]`` for ``k in [ptr[s], ptr[s+1])``; an
     empty row gives zeros. Weights are used as given. Validated once; :meth:`apply` runs
@@ -132,6 +135,14 @@ class Resample:
 
     Build one with :meth:`linear`, :meth:`nearest`, :meth:`segments` or
     :meth:`from_offsets`.
+
+    Like :class:`fastcore.Graph`, a Resample is a ``torch.nn.Module`` whose tensors are
+    buffers: held by a module it moves with it (``.to``, ``.cuda``; ``.double()`` /
+    ``.half()`` cast ``weight``, float64 when built, while the int64 indices keep their
+    dtype) and is saved in its ``state_dict`` (``ptr``, ``idx``, ``weight`` and
+    ``src_count``, num_src as a 0-d int64 tensor; the transpose is a non-persistent buffer,
+    rebuilt on load). A Resample of another size in a checkpoint is an error naming the
+    key. ``resample.to(...)`` returns a moved copy and leaves ``resample`` as it is.
     """
 
     def __init__(
@@ -141,6 +152,7 @@ class Resample:
         weight: torch.Tensor,
         num_src: int,
     ) -> None:
+        super().__init__()
         _check_length(num_src, "Resample: num_src", 0)
         ptr, idx = torch.as_tensor(ptr), torch.as_tensor(idx)
         weight = torch.as_tensor(weight)
@@ -157,38 +169,79 @@ class Resample:
         device = ptr.device
         # Weights kept in float64 (exact for any float input); apply casts to x's dtype.
         ptr, idx, weight = ptr.long(), idx.to(device).long(), weight.to(device, torch.float64)
-        p = ptr.cpu()
-        if (
-            p.numel() < 1
-            or int(p[0]) != 0
-            or bool((p.diff() < 0).any())
-            or int(p[-1]) != idx.numel()
-        ):
-            raise ValueError(
-                f"Resample: ptr must start at 0, never decrease and end at len(idx) = {idx.numel()}, "
-                f"got {p.tolist() if p.numel() <= 8 else p}"
-            )
-        if idx.numel():
-            lo, hi = (int(v) for v in torch.aminmax(idx))
-            if lo < 0 or hi >= num_src:
-                bad = lo if lo < 0 else hi
-                raise IndexError(f"Resample: source step {bad} is out of range for {num_src} steps")
-        self.num_src = num_src
-        self.ptr, self.idx, self.weight = ptr, idx, weight
-        # The transpose (entries grouped by source step), which the backward runs, and the
-        # permutations between the two orders (t_edge[j]: the row entry of transposed entry
-        # j; t_pos: its inverse).
-        by_source, self.t_ptr = index_csr(idx, num_src)
+        _check_rows(ptr, idx, num_src, "Resample")
+        self._set_rows(num_src, ptr, idx, weight)
+
+    def _set_rows(
+        self, num_src: int, ptr: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor
+    ) -> None:
+        """Install validated rows and build their transpose (entries grouped by source
+        step), which the backward runs, and the permutations between the two orders
+        (t_edge[j]: the row entry of transposed entry j; t_pos: its inverse)."""
+        by_source, t_ptr = index_csr(idx, num_src)
         dst = torch.repeat_interleave(
-            torch.arange(ptr.numel() - 1, device=device), ptr.diff(), output_size=idx.numel()
+            torch.arange(ptr.numel() - 1, device=ptr.device), ptr.diff(), output_size=idx.numel()
         )
-        self.t_col = dst[by_source]
-        self.t_edge = by_source
-        self.t_pos = inverse_permutation(by_source)
+        self._set(
+            num_src,
+            ptr,
+            idx,
+            weight,
+            t_ptr,
+            dst[by_source],
+            by_source,
+            inverse_permutation(by_source),
+        )
+
+    def _set(self, num_src: int, ptr, idx, weight, t_ptr, t_col, t_edge, t_pos) -> None:
+        self.num_src = num_src
+        self.register_buffer("ptr", ptr)
+        self.register_buffer("idx", idx)
+        self.register_buffer("weight", weight)
+        self.register_buffer(
+            "src_count", torch.tensor(num_src, dtype=torch.int64, device=ptr.device)
+        )
+        for name, t in (("t_ptr", t_ptr), ("t_col", t_col), ("t_edge", t_edge), ("t_pos", t_pos)):
+            self.register_buffer(name, t, persistent=False)
+
+    @classmethod
+    def _from_parts(cls, num_src: int, ptr, idx, weight, t_ptr, t_col, t_edge, t_pos) -> Resample:
+        """A Resample from rows and transpose that are valid by construction (no checks)."""
+        out = cls.__new__(cls)
+        super(Resample, out).__init__()  # (this spelling traces under torch.compile)
+        out._set(num_src, ptr, idx, weight, t_ptr, t_col, t_edge, t_pos)
+        return out
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        loaded = load_structure(
+            self,
+            state_dict,
+            prefix,
+            local_metadata,
+            ("ptr", "idx", "weight", "src_count"),
+            {"src_count": self.num_src},
+            strict,
+            missing_keys,
+            unexpected_keys,
+            error_msgs,
+        )
+        if loaded is None:
+            return
+        try:
+            _check_rows(loaded["ptr"], loaded["idx"], self.num_src, "Resample")
+        except (ValueError, IndexError) as err:
+            error_msgs.append(f"{prefix}ptr/idx: {err}")
+            return
+        if torch.equal(loaded["ptr"], self.ptr) and torch.equal(loaded["idx"], self.idx):
+            self.weight = loaded["weight"]
+        else:
+            self._set_rows(self.num_src, loaded["ptr"], loaded["idx"], loaded["weight"])
 
     @property
     def num_dst(self) -> int:
-        return self.ptr.numel() - 1
+        return self._buffers["ptr"].numel() - 1
 
     @classmethod
     def linear(cls, t_src: int, t_dst: int, device: torch.device | str | None = None) -> Resample:
@@ -206,7 +259,9 @@ class Resample:
 
     @classmethod
     def identity(cls, steps: int, device: torch.device | str | None = None) -> Resample:
-        """Every step maps to itself (``steps`` rows of one entry, weight 1)."""
+        """Every step maps to itself (``steps`` rows of one entry, weight 1). In eager mode
+        the result is cached per length and device and may be shared: move it with
+        ``.to()`` (a copy), not in place."""
         _check_length(steps, "Resample.identity: steps", 0)
         device = torch.device("cpu") if device is None else torch.device(device)
         return _identity(steps, device)
@@ -263,16 +318,19 @@ class Resample:
         weight = 1.0 / counts[rows].float()
         return cls(ptr, cols, weight, teacher.shape[0])
 
-    def to(self, device: torch.device | str) -> Resample:
-        """A copy with every tensor on ``device`` (no re-validation)."""
-        other = object.__new__(Resample)
-        other.num_src = self.num_src
-        for name in ("ptr", "idx", "weight", "t_ptr", "t_col", "t_edge", "t_pos"):
-            setattr(other, name, getattr(self, name).to(device))
-        return other
+    def to(self, *args: Any, **kwargs: Any) -> Resample:
+        """A copy with every tensor moved or cast as ``nn.Module.to`` would (``weight``
+        takes a float dtype, the indices stay int64; no re-validation). This Resample is
+        left as it is; a module holding it moves it in place with its own ``.to()``."""
+        return nn.Module.to(copy_sharing_tensors(self), *args, **kwargs)
 
-    def apply(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
-        """``x [*lead, num_src, *trail]`` (time at ``dim``) -> ``[*lead, num_dst, *trail]``."""
+    def apply(self, x: Any, dim: int = 2) -> Any:
+        """``x [*lead, num_src, *trail]`` (time at ``dim``) -> ``[*lead, num_dst, *trail]``.
+
+        (Called with a function instead of a tensor, this is ``nn.Module.apply(fn)``, so that
+        ``model.apply(init_fn)`` on a module holding a Resample still works.)"""
+        if not isinstance(x, torch.Tensor) and callable(x):
+            return nn.Module.apply(self, x)
         check_dtype(x, FLOAT_DTYPES, "Resample.apply")
         dim = normalize_dim(dim, x.dim(), "Resample.apply")
         if x.shape[dim] != self.num_src:
@@ -280,21 +338,40 @@ class Resample:
                 f"Resample.apply: x has {x.shape[dim]} steps along dimension {dim}, but this "
                 f"Resample maps {self.num_src} source steps"
             )
-        if x.device != self.ptr.device:
+        b = self._buffers  # read directly: nn.Module's attribute lookup is slow
+        if x.device != b["ptr"].device:
             raise ValueError(
-                f"Resample.apply: x is on {x.device} but the Resample on {self.ptr.device}"
+                f"Resample.apply: x is on {x.device} but the Resample on {b['ptr'].device}; "
+                "use resample.to(device), or hold it in the module so that module.to() moves it"
             )
-        return apply_csr(x, self.weight.to(x.dtype), self.csr(), dim)
+        return apply_csr(x, b["weight"].to(x.dtype), self.csr(), dim)
 
     def csr(self) -> tuple[torch.Tensor, ...]:
         """``(ptr, idx, t_ptr, t_col, t_edge, t_pos)``: the structure arguments of
         ``fastcore::spmm`` (rows over the source steps, their transpose, the permutations)."""
-        return self.ptr, self.idx, self.t_ptr, self.t_col, self.t_edge, self.t_pos
+        b = self._buffers
+        return b["ptr"], b["idx"], b["t_ptr"], b["t_col"], b["t_edge"], b["t_pos"]
 
     def __repr__(self) -> str:
         return (
             f"Resample(num_src={self.num_src}, num_dst={self.num_dst}, entries={self.idx.numel()})"
         )
+
+
+def _check_rows(ptr: torch.Tensor, idx: torch.Tensor, num_src: int, what: str) -> None:
+    """ValueError / IndexError unless ``ptr`` starts at 0, never decreases and ends at
+    ``len(idx)``, and every ``idx`` lies in ``[0, num_src)``."""
+    p = ptr.cpu()
+    if p.numel() < 1 or int(p[0]) != 0 or bool((p.diff() < 0).any()) or int(p[-1]) != idx.numel():
+        raise ValueError(
+            f"{what}: ptr must start at 0, never decrease and end at len(idx) = {idx.numel()}, "
+            f"got {p.tolist() if p.numel() <= 8 else p}"
+        )
+    if idx.numel():
+        lo, hi = (int(v) for v in torch.aminmax(idx))
+        if lo < 0 or hi >= num_src:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"{what}: source step {bad} is out of range for {num_src} steps")
 
 
 _IDENTITY_CACHE: dict[tuple[int, torch.device], Resample] = {}
@@ -322,15 +399,19 @@ def _offsets(offsets, name: str) -> torch.Tensor:
 
 def _identity(steps: int, device: torch.device) -> Resample:
     """The identity rows, built without validation (they are valid by construction) and,
-    in eager mode, cached per length and device (a few per process)."""
+    in eager mode, cached per length and device (a few per process). A cached one that was
+    moved or cast in place since (it may be held by a module) is rebuilt."""
     key = (steps, device)
-    if not torch.compiler.is_compiling() and key in _IDENTITY_CACHE:
-        return _IDENTITY_CACHE[key]
-    other = object.__new__(Resample)
-    other.num_src = steps
-    other.ptr = other.t_ptr = torch.arange(steps + 1, device=device)
-    other.idx = other.t_col = other.t_edge = other.t_pos = torch.arange(steps, device=device)
-    other.weight = torch.ones(steps, dtype=torch.float64, device=device)
+    if not torch.compiler.is_compiling():
+        cached = _IDENTITY_CACHE.get(key)
+        if cached is not None and cached.weight.dtype == torch.float64:
+            on = cached.ptr.device
+            if on.type == device.type and (device.index is None or on.index == device.index):
+                return cached
+    ptr = torch.arange(steps + 1, device=device)
+    rows = torch.arange(steps, device=device)
+    weight = torch.ones(steps, dtype=torch.float64, device=device)
+    other = Resample._from_parts(steps, ptr, rows, weight, ptr, rows, rows, rows)
     if not torch.compiler.is_compiling():
         if len(_IDENTITY_CACHE) >= 32:
             _IDENTITY_CACHE.clear()

@@ -12,6 +12,9 @@ Loss: masked MSE on the normalised discharge, each basin weighted by
 whatever its size). Validation runs the pure autoregressive forecast (no teacher forcing)
 over every validation window and reports NSE, KGE, RMSE, MAE and R² on the de-normalised
 discharge (median over basins, mean over lead times); ``best.pt`` follows ``val_nse``.
+``python -m fastcore.train evaluate --run DIR --split test`` reports the same metrics on
+every test window and writes the forecasts (``prediction``/``target`` ``[W, S, N]`` in
+m³/s, NaN where unobserved).
 Scheduled sampling: the teacher-forcing probability decays linearly from
 ``teacher_forcing`` to 0 over ``teacher_forcing_steps`` training forward passes (a buffer
 of the model, so a resumed run continues the schedule exactly).
@@ -268,6 +271,10 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
     weights = basin_weights(prepared).to(ctx.device)
     train = BasinWindows(prepared, "train", data.lookback, data.horizon)
     val = BasinWindows(prepared, "val", data.lookback, data.horizon, data.val_stride)
+    try:
+        test: BasinWindows | None = BasinWindows(prepared, "test", data.lookback, data.horizon)
+    except ValueError:  # a test split shorter than one window: no 'evaluate --split test'
+        test = None
 
     def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inner = getattr(model, "module", model)
@@ -289,10 +296,20 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
         }
         return loss, values
 
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        pred = predict(model, val, 64, ctx.device)
-        m = forecast_metrics(pred, val, prepared)
+    def evaluate(model: nn.Module, split: str = "val") -> dict[str, float]:
+        windows = {"val": val, "test": test}[split]
+        pred = predict(model, windows, 64, ctx.device)
+        m = forecast_metrics(pred, windows, prepared)
         return {k: v for k, v in m.items() if not isinstance(v, list)}
+
+    def predict_batch(model: nn.Module, batch) -> dict[str, torch.Tensor]:
+        x, future, y = batch
+        pred = model(x, future)  # eval mode: the pure autoregressive forecast
+        getattr(model, "module", model).guards.pop()
+        return {
+            "prediction": prepared.scaler.inverse(pred.float()),
+            "target": prepared.scaler.inverse(y.float()),
+        }
 
     def sanity() -> str:
         lines = [hierarchy.report()]
@@ -308,8 +325,11 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
         model=model,
         train_set=train,
         val_set=val,
+        test_set=test,
         loss_fn=loss_fn,
         sanity=sanity,
         evaluate=evaluate,
         evaluate_metrics=(*metrics.METRICS, "missing_targets"),
+        evaluate_splits=("val", "test"),
+        predict=predict_batch,
     )

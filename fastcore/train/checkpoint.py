@@ -9,6 +9,7 @@ Everything is stored as tensors and plain containers, so it loads with
 
 Writes go to a temporary file in the same directory, are flushed to disk, then renamed
 over the target: a crash or a failed save leaves the previous checkpoint untouched.
+docs/training.md ("Checkpoints") lists every key and shows how to load one by hand.
 """
 
 from __future__ import annotations
@@ -33,10 +34,20 @@ class CheckpointError(RuntimeError):
 
 
 def fingerprint(model: nn.Module) -> dict[str, list[int]]:
+    """``{name: shape}`` of every parameter and buffer in ``model.state_dict()``: what
+    :func:`check_fingerprint` compares before a checkpoint's weights are loaded.
+
+    Examples:
+        >>> fingerprint(nn.Linear(3, 2))
+        {'weight': [2, 3], 'bias': [2]}
+    """
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
 def rng_state() -> dict[str, Any]:
+    """The global RNG states (Python, NumPy, torch CPU, and every CUDA device when there is
+    one) as tensors and plain containers, loadable with ``weights_only=True``; restore them
+    with :func:`set_rng_state`."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -55,6 +66,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the global RNG states :func:`rng_state` captured (CUDA's only when this
+    process sees CUDA devices)."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]

@@ -54,6 +54,14 @@ class Constraint:
     expected: str | None = None
 
     def accepts(self, value: Any) -> bool:
+        """Whether ``value`` (already of the field's type) satisfies the constraint.
+
+        Examples:
+            >>> Constraint(ge=1).accepts(0), Constraint(ge=1).accepts(3)
+            (False, True)
+            >>> Constraint(gt=0, length=2).accepts([0.5, 1.0]), Constraint().accepts(float("inf"))
+            (True, False)
+        """
         if value is None:
             return True
         items = value if isinstance(value, (list, tuple)) else [value]
@@ -208,6 +216,12 @@ class TrainSection:
         None, "validate every this many steps (validation also runs after every epoch)", ge=1
     )
     eval_at_start: bool = option(False, "validate once before the first step (a fresh run only)")
+    patience: int | None = option(
+        None,
+        "early stopping: stop once checkpoint.best_metric has not improved (in "
+        "checkpoint.best_mode) for this many validations in a row (null: off)",
+        ge=1,
+    )
 
 
 @dataclass
@@ -273,9 +287,17 @@ class Config:
 
     @property
     def run_path(self) -> Path:
+        """``run_dir`` with ``{job}`` expanded: where the run writes.
+
+        Examples:
+            >>> Config(job="example").run_path
+            PosixPath('runs/example')
+        """
         return Path(self.run_dir.format(job=self.job))
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as plain nested dicts (what ``config.yaml`` and checkpoints hold);
+        :func:`build_config` turns it back into a :class:`Config`."""
         return dataclasses.asdict(self)
 
 
@@ -421,7 +443,18 @@ def describe(cls: type, prefix: str = "") -> list[str]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``raw`` with each ``a.b.c=value`` applied (value parsed as YAML)."""
+    """``raw`` (changed in place and returned) with each ``a.b.c=value`` applied; the value
+    is parsed as a YAML scalar or flow collection (``3``, ``null``, ``[0.9,0.95]``), an
+    empty value is ``None``. Types and ranges are checked later, by :func:`build_config`.
+
+    Raises:
+        ConfigError: an override without ``=``, with an empty key segment, or one that
+            descends into a key holding a value rather than a section.
+
+    Examples:
+        >>> apply_overrides({"train": {"lr": 0.1}}, ["train.lr=3e-4", "model.hidden=8"])
+        {'train': {'lr': '3e-4'}, 'model': {'hidden': 8}}
+    """
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
@@ -440,6 +473,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_raw(path: str | Path | None) -> dict[str, Any]:
+    """The YAML mapping in ``path`` as plain dicts (``{}`` for ``None`` or an empty file),
+    not validated yet.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ConfigError: the file is not valid YAML, or holds something other than a mapping.
+    """
     if path is None:
         return {}
     p = Path(path)
@@ -455,7 +495,18 @@ def load_raw(path: str | Path | None) -> dict[str, Any]:
 
 
 def build_config(raw: dict[str, Any], data_cls: type, model_cls: type) -> Config:
-    """A validated :class:`Config` whose ``data``/``model`` are the job's dataclasses."""
+    """A validated :class:`Config` from plain dicts (:func:`load_raw` with
+    :func:`apply_overrides`), whose ``data``/``model`` are the job's dataclasses.
+
+    Raises:
+        ConfigError: the first unknown key, wrong type or value out of range, named.
+
+    Examples:
+        >>> from fastcore.train.example import DataConfig, ModelConfig
+        >>> cfg = build_config({"job": "example", "model": {"hidden": 8}}, DataConfig, ModelConfig)
+        >>> cfg.model.hidden, cfg.train.lr
+        (8, 0.001)
+    """
     raw = dict(raw)
     data = raw.pop("data", None) or {}
     model = raw.pop("model", None) or {}
@@ -466,4 +517,6 @@ def build_config(raw: dict[str, Any], data_cls: type, model_cls: type) -> Config
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as YAML (``config.yaml`` of a run), readable by
+    :func:`~fastcore.train.cli.resolve_config` to the same config."""
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -11,7 +11,10 @@ a linear reservoir with routing along the tree:
 so each basin's future depends on its own state, its rain and its upstream neighbours —
 what the river graph convolution is for. A sample is a window of ``lookback`` steps of
 both variables (normalised with the training split's statistics) and the next step's flow
-at every basin; the first ``1 - val_fraction`` of the series trains, the rest validates.
+at every basin; the first ``1 - val_fraction - test_fraction`` of the series trains, the
+next ``val_fraction`` validates, and the last ``test_fraction`` (none by default) is held
+out for ``python -m fastcore.train evaluate --split test``. Predictions (the ``predict``
+hook, for ``evaluate``) are next-step flows in the series' own units.
 
 Model: per-variable input embedding -> ``blocks`` x :class:`~fastcore.nn.SpatioTemporalBlock`
 (river graph over basins, causal graph rain -> flow within each basin) -> dropout
@@ -48,7 +51,15 @@ class DataConfig:
     nodes: int = option(24, "basins in the random river tree", ge=2)
     steps: int = option(1200, "length of the daily series", ge=1)
     lookback: int = option(12, "input window length (steps)", ge=1)
-    val_fraction: float = option(0.2, "the last fraction of the series validates", gt=0, lt=1)
+    val_fraction: float = option(
+        0.2, "the fraction of the series after the training part that validates", gt=0, lt=1
+    )
+    test_fraction: float = option(
+        0.0,
+        "the last fraction of the series, held out for 'evaluate --split test' (0: no test split)",
+        ge=0,
+        lt=1,
+    )
     decay: float = option(0.75, "linear-reservoir recession per step", ge=0, le=1)
     route: float = option(0.2, "fraction of upstream flow arriving per step", ge=0, le=1)
     noise: float = option(0.02, "std of the flow innovation", ge=0)
@@ -148,12 +159,14 @@ class RiverForecaster(nn.Module):
         self.head = nn.Linear(2 * hidden, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised windows ``x (B, T, N, 2)`` -> normalised next-step flow ``(B, N)``."""
         h = x[..., None] * self.embed_weight + self.embed_bias  # (B, T, N, 2, H)
         for block in self.blocks:
             h = block(h, self.river, self.causal)
         return self.head(self.dropout(h[:, -1].flatten(2))).squeeze(-1)
 
     def sanity_report(self) -> str:
+        """The ``[SANITY]`` lines: each graph's node and edge count and largest index."""
         lines = []
         for name, g in (("river", self.river), ("causal", self.causal)):
             top = int(g.edge_index.max()) if g.num_edges else -1
@@ -181,6 +194,15 @@ def load_series(path: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build(cfg: Config, ctx: JobContext) -> JobParts:
+    """The example job's parts: the series (generated, or ``data.path``) normalised with
+    the training part's statistics, its training / validation (/ test) windows, the
+    forecaster, the MSE loss with MSE and MAE metrics, and ``predict`` (flows in the
+    series' units).
+
+    Raises:
+        FileNotFoundError / ValueError: ``data.path`` missing or malformed, a series with
+            NaN/inf, fractions that leave nothing to train on, a split shorter than a window.
+    """
     data, mcfg = cfg.data, cfg.model
     if data.path is not None:
         series, edges = load_series(data.path)
@@ -189,7 +211,13 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
         series, edges = simulate(data)
     if not torch.isfinite(series).all():
         raise ValueError("the series holds NaN/inf values; this example job does not mask them")
-    split = round(data.steps * (1 - data.val_fraction))
+    if data.val_fraction + data.test_fraction >= 1:
+        raise ValueError(
+            f"data.val_fraction + data.test_fraction = "
+            f"{data.val_fraction + data.test_fraction:g}: expected < 1 (the rest trains)"
+        )
+    split = round(data.steps * (1 - data.val_fraction - data.test_fraction))
+    test_split = round(data.steps * (1 - data.test_fraction)) if data.test_fraction else None
     train_part = series[:split]
     mean = train_part.mean((0, 1))
     std = train_part.std((0, 1)).clamp_min(1e-6)
@@ -207,10 +235,24 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
         mse = err.square().mean()
         return mse, {"mse": mse.detach(), "mae": err.detach().abs().mean()}
 
+    def predict(model: nn.Module, batch) -> dict[str, torch.Tensor]:
+        x, y = batch
+        flow_mean, flow_std = mean[1].to(y.device), std[1].to(y.device)
+        return {
+            "prediction": model(x).float() * flow_std + flow_mean,
+            "target": y.float() * flow_std + flow_mean,
+        }
+
+    val_stop = test_split if test_split is not None else data.steps
+    test_set = None
+    if test_split is not None:
+        test_set = RiverWindows(series, data.lookback, test_split - data.lookback, data.steps)
     return JobParts(
         model=model,
         train_set=RiverWindows(series, data.lookback, 0, split),
-        val_set=RiverWindows(series, data.lookback, split - data.lookback, data.steps),
+        val_set=RiverWindows(series, data.lookback, split - data.lookback, val_stop),
+        test_set=test_set,
         loss_fn=loss_fn,
+        predict=predict,
         sanity=model.sanity_report,
     )

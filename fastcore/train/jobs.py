@@ -184,10 +184,10 @@ def load_job(name: str) -> ModuleType:
         >>> from fastcore.train.jobs import load_job
         >>> load_job("example").__name__
         'fastcore.train.example'
-        >>> load_job("exmaple")
+        >>> load_job("exmaple")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        fastcore.train.config.ConfigError: unknown job 'exmaple'; did you mean 'example'? ...
+        fastcore.train.config.ConfigError: unknown job 'exmaple'; ... (did you mean 'example'?); ...
     """
     if not isinstance(name, str) or not name:
         raise ConfigError(f"job: expected a job name or module path, got {name!r}")
@@ -197,9 +197,9 @@ def load_job(name: str) -> ModuleType:
         target = name
     else:
         close = difflib.get_close_matches(name, JOBS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
-            f"unknown job {name!r}{hint}; registered jobs: {', '.join(sorted(JOBS))}; {_HOW}"
+            f"unknown job {name!r}; registered jobs: {', '.join(sorted(JOBS))}{hint}; {_HOW}"
         )
     try:
         module = importlib.import_module(target)

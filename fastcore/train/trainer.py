@@ -6,6 +6,14 @@ gradients (a bad step is skipped, its parameters logged; ``nan_patience`` bad st
 row stop the run) -> gradient clipping -> AdamW -> cosine schedule with warm-up ->
 logging, validation and checkpoints on their schedules.
 
+Early stopping (``train.patience``): every validation either improves
+``checkpoint.best_metric`` (in ``checkpoint.best_mode``; best.pt is written) or counts one
+more validation without improvement; ``patience`` of those in a row stop the run, with a
+``[STOP]`` line in the log and a ``stop`` row in ``metrics.jsonl``. Rank 0 decides and
+tells the others, so every rank stops at the same step. The count is part of every
+checkpoint: a resumed run that had stopped early trains on only when ``train.patience`` is
+raised or unset.
+
 Data order is a pure function of (seed, epoch): every rank's sampler draws the same
 permutation and takes its stride of it, so W processes with per-rank batch B/W see the
 same global batches as one process with batch B, and a run resumed from a checkpoint
@@ -39,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 
 from fastcore.nn.sample_random import sample_randomness
 from fastcore.train import checkpoint as ckpt_io
@@ -68,6 +76,7 @@ class TrainingDiverged(RuntimeError):
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (CPU and CUDA) with ``seed``."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -88,6 +97,14 @@ def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor moved to ``device``: tensors, and tensors nested in
+    tuples, lists, dicts and dataclass instances; anything else is returned as it is.
+
+    Examples:
+        >>> out = to_device({"x": torch.zeros(2), "ids": [torch.ones(1), "a"]}, torch.device("cpu"))
+        >>> out["x"].device, out["ids"][1]
+        (device(type='cpu'), 'a')
+    """
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
@@ -117,6 +134,87 @@ def batch_len(batch: Any) -> int:
             if n >= 0:
                 return n
     return -1
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of ``train.precision`` on ``device`` (none for ``fp32``)."""
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate_dataset(
+    model: nn.Module,
+    dataset: Dataset,
+    loss_fn: Any,
+    batch_size: int,
+    device: torch.device,
+    *,
+    collate_fn: Any = None,
+    precision: str = "fp32",
+    rank: int = 0,
+    world_size: int = 1,
+    predict: Any = None,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """The mean loss and metrics of ``loss_fn`` over ``dataset``, in eval mode.
+
+    Rank ``r`` of ``world_size`` takes samples ``r, r + W, ...`` (every sample exactly once
+    over the ranks) in batches of ``batch_size``; each batch's values count with its size,
+    and the sums are all-reduced, so every rank returns the same means. This is the
+    Trainer's validation, and what the ``evaluate`` command computes.
+
+    Args:
+        model: the model (put back into its train/eval mode afterwards).
+        dataset: the split; ``collate_fn`` batches its items (``default_collate``: None).
+        loss_fn / predict: the job's :class:`~fastcore.train.jobs.JobParts` hooks.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (the forward runs under its autocast).
+
+    Returns:
+        ``({"loss": mean, "<metric>": mean, ...}, predictions)``: ``predictions`` holds
+        ``predict``'s tensors concatenated over this rank's batches (on the CPU) and
+        ``"index"``, the dataset index of each row; empty without ``predict``.
+    """
+    shard = Subset(dataset, range(rank, len(dataset), world_size))
+    loader = DataLoader(shard, batch_size=batch_size, collate_fn=collate_fn)
+    was_training = model.training
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros((), dtype=torch.float64)
+    outputs: dict[str, list[torch.Tensor]] = {}
+    try:
+        for batch in loader:
+            batch = to_device(batch, device)
+            n = batch_len(batch)
+            with autocast(device, precision):
+                loss, metrics = loss_fn(model, batch)
+                predicted = predict(model, batch) if predict is not None else {}
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).double().cpu() * n
+            count += n
+            for k, v in predicted.items():
+                outputs.setdefault(k, []).append(torch.as_tensor(v).detach().cpu())
+    finally:
+        model.train(was_training)
+    if not sums:
+        raise ValueError(f"nothing to evaluate: the split holds {len(dataset)} samples")
+    keys = sorted(sums)
+    packed = torch.stack([*(sums[k] for k in keys), count]).to(device)
+    packed = all_reduce_(packed, "sum").cpu()
+    means = {k: float(packed[i] / packed[-1]) for i, k in enumerate(keys)}
+    predictions = {}
+    for k, parts in outputs.items():
+        try:
+            predictions[k] = torch.cat(parts)
+        except RuntimeError as e:
+            raise ValueError(
+                f"predict() returned {k!r} with shapes {[tuple(p.shape) for p in parts[:3]]}: "
+                "expected the batch as dimension 0 and the same trailing shape in every batch"
+            ) from e
+    if predictions:
+        predictions["index"] = torch.arange(rank, len(dataset), world_size, dtype=torch.int64)
+    return means, predictions
 
 
 class Trainer:
@@ -182,6 +280,10 @@ class Trainer:
         self.batch_in_epoch = 0  # optimizer steps of the current epoch already done
         self.bad_streak = 0
         self.best: float | None = None
+        self.best_step: int | None = None
+        self.evals_since_best = 0  # validations in a row without improvement (patience)
+        self.last_val: dict[str, float] = {}  # the latest validation's metrics
+        self.last_val_step: int | None = None
         self.writer = None
         self.metrics_file = None
 
@@ -247,6 +349,8 @@ class Trainer:
     # ------------------------------------------------------------ checkpoint
 
     def state(self) -> dict[str, Any]:
+        """Everything a checkpoint holds (docs/training.md, "Checkpoints", lists the keys):
+        tensors and plain containers only, so it loads with ``weights_only=True``."""
         return {
             "job": self.cfg.job,
             "model": self.model.state_dict(),
@@ -260,6 +364,10 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "bad_streak": self.bad_streak,
             "best": self.best,
+            "best_step": self.best_step,
+            "evals_since_best": self.evals_since_best,
+            "metrics": dict(self.last_val),
+            "metrics_step": self.last_val_step,
             "config": self.cfg.to_dict(),
         }
 
@@ -277,6 +385,14 @@ class Trainer:
         return path
 
     def resume(self, resume: str) -> None:
+        """Restore the state of the checkpoint ``resume`` (a path, or ``latest``: the newest
+        ``step-*.pt`` of this run): weights, optimizer, scheduler, scaler, RNG states, the
+        data position and the validation bookkeeping (best value, patience count).
+
+        Raises:
+            CheckpointError: no such checkpoint, an unreadable one, or one written for
+                another job or model (the mismatching parameters named).
+        """
         path = ckpt_io.resolve(resume, self.ckpt_dir)
         state = ckpt_io.load(path)
         ckpt_io.check_fingerprint(state, self.model, path, self.cfg.job)
@@ -288,6 +404,11 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch, self.bad_streak = state["batch_in_epoch"], state["bad_streak"]
         self.best = state["best"]
+        # absent from checkpoints written before early stopping existed
+        self.best_step = state.get("best_step")
+        self.evals_since_best = state.get("evals_since_best", 0)
+        self.last_val = dict(state.get("metrics", {}))
+        self.last_val_step = state.get("metrics_step")
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
             path,
@@ -299,9 +420,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.cfg.train.precision)
 
     def _sync(self) -> None:
         if self.device.type == "cuda" and self.cfg.log.sync_timing:
@@ -436,31 +555,22 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss and metrics over the validation set (all ranks together)."""
+        """Mean loss and metrics over the validation set (all ranks together, see
+        :func:`evaluate_dataset`), then the job's ``evaluate`` metrics, as ``val_<name>``."""
         if self.parts.val_set is None:
             return {}
-        self.model.eval()
-        # Every validation sample exactly once across ranks (no padding repeats).
-        shard = Subset(
+        means, _ = evaluate_dataset(
+            self.model,
             self.parts.val_set,
-            range(self.dist.rank, len(self.parts.val_set), self.dist.world_size),
+            self.parts.loss_fn,
+            self.micro_batch,
+            self.device,
+            collate_fn=self.parts.collate_fn,
+            precision=self.cfg.train.precision,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
-        loader = DataLoader(shard, batch_size=self.micro_batch, collate_fn=self.parts.collate_fn)
-        sums: dict[str, torch.Tensor] = {}
-        count = torch.zeros((), dtype=torch.float64)
-        for batch in loader:
-            batch = to_device(batch, self.device)
-            n = batch_len(batch)
-            with self._autocast():
-                loss, metrics = self.parts.loss_fn(self.model, batch)
-            for k, v in {"loss": loss, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).double().cpu() * n
-            count += n
-        self.model.train()
-        keys = sorted(sums)
-        packed = torch.stack([*(sums[k] for k in keys), count]).to(self.device)
-        packed = all_reduce_(packed, "sum").cpu()
-        out = {f"val_{k}": float(packed[i] / packed[-1]) for i, k in enumerate(keys)}
+        out = {f"val_{k}": v for k, v in means.items()}
         if self.parts.evaluate is not None:
             self.model.eval()
             extra = self.parts.evaluate(self.model)
@@ -492,10 +602,16 @@ class Trainer:
 
     def _check_best_metric(self) -> None:
         """``checkpoint.best_metric`` names a metric the validation reports (before step 1:
-        a typo must not cost a run that never writes best.pt)."""
+        a typo must not cost a run that never writes best.pt), and ``train.patience`` has
+        validations to count."""
         key = self.cfg.checkpoint.best_metric
         names = self.validation_metrics()
         if not names:
+            if self.cfg.train.patience is not None:
+                raise ConfigError(
+                    f"train.patience = {self.cfg.train.patience}: expected null: job "
+                    f"{self.cfg.job!r} has no validation set, so nothing can stop it early"
+                )
             if self.dist.is_main:
                 log.info("no validation set: best.pt (checkpoint.best_metric) is not written")
             return
@@ -525,15 +641,71 @@ class Trainer:
                 f"it reported {', '.join(sorted(values))}"
             )
         value = values[key]
-        better = self.best is None or (
-            value < self.best if self.cfg.checkpoint.best_mode == "min" else value > self.best
+        better = math.isfinite(value) and (
+            self.best is None
+            or (value < self.best if self.cfg.checkpoint.best_mode == "min" else value > self.best)
         )
-        if better and math.isfinite(value):
-            self.best = value
+        if self.dist.distributed:
+            # Rank 0 decides and the others follow: a job's evaluate() may differ across
+            # ranks in the last bits, and best.pt and the stop need every rank at once.
+            decision = torch.tensor(
+                [float(better), value if better else 0.0], dtype=torch.float64, device=self.device
+            )
+            if not self.dist.is_main:
+                decision.zero_()
+            decision = all_reduce_(decision, "sum").cpu()
+            better, value = bool(decision[0] > 0), float(decision[1])
+        self.last_val, self.last_val_step = dict(values), self.step
+        if better:
+            self.best, self.best_step, self.evals_since_best = value, self.step, 0
             self.save("best.pt")
+        else:
+            self.evals_since_best += 1
+            if self.patience_spent():
+                self._record(
+                    "stop",
+                    {
+                        "best": self.best,
+                        "best_step": self.best_step,
+                        "evals_since_best": self.evals_since_best,
+                        "patience": self.cfg.train.patience,
+                    },
+                )
+                if self.dist.is_main:
+                    log.info("[STOP] step %d: %s; stopping early", self.step, self._stop_reason())
+
+    def patience_spent(self) -> bool:
+        """Whether ``train.patience`` validations in a row have not improved
+        ``checkpoint.best_metric`` (always False with ``patience`` null)."""
+        patience = self.cfg.train.patience
+        return patience is not None and self.evals_since_best >= patience
+
+    def _stop_reason(self) -> str:
+        cc = self.cfg.checkpoint
+        best = "none finite" if self.best is None else f"{self.best:.6g} at step {self.best_step}"
+        return (
+            f"{cc.best_metric} has not improved ({cc.best_mode}; best {best}) for "
+            f"{self.evals_since_best} validations in a row (train.patience = "
+            f"{self.cfg.train.patience})"
+        )
+
+    def _validate(self) -> dict[str, float]:
+        values = self.evaluate()
+        self._after_eval(values)
+        return values
 
     def fit(self, resume: str | None = None) -> dict[str, float]:
-        """Train to ``train.epochs`` / ``train.max_steps``; returns the last validation."""
+        """Train to ``train.epochs`` / ``train.max_steps``, or until ``train.patience``
+        validations in a row have not improved ``checkpoint.best_metric``; validate at the
+        end (unless the last step did) and save its checkpoint.
+
+        Args:
+            resume: a checkpoint to continue from (see :meth:`resume`), or None.
+
+        Returns:
+            The last validation's metrics (``{}`` without a validation set); for a resumed
+            run that had stopped early, those stored in its checkpoint.
+        """
         tc, lc = self.cfg.train, self.cfg.log
         self._check_best_metric()
         self._setup_logging()
@@ -563,15 +735,27 @@ class Trainer:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=self.total_steps, initial=self.step, dynamic_ncols=True)
-        last_val: dict[str, float] = {}
+        last_val = dict(self.last_val)
         evaluated_at = -1
+        start_step = self.step
+        saved_at = self.step if resume else -1  # the checkpoint resumed from is this step's
+        if self.patience_spent() and self.dist.is_main:
+            log.info(
+                "[STOP] resumed a run that stopped early at step %d: %s; nothing to train "
+                "(raise train.patience or set it to null to train on)",
+                self.step,
+                self._stop_reason(),
+            )
         anomaly = torch.autograd.set_detect_anomaly(True) if tc.anomaly else None
         try:
             if tc.eval_at_start and self.step == 0 and self.parts.val_set is not None:
-                last_val, evaluated_at = self.evaluate(), self.step
-                self._after_eval(last_val)
+                last_val, evaluated_at = self._validate(), self.step
             self.model.train()
-            while self.step < self.total_steps and self.epoch < tc.epochs:
+            while (
+                not self.patience_spent()
+                and self.step < self.total_steps
+                and self.epoch < tc.epochs
+            ):
                 batches = self._batches()
                 while self.batch_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
                     values = self.train_step(batches)
@@ -582,24 +766,29 @@ class Trainer:
                     if self.dist.is_main and (self.step % lc.every_steps == 0 or self.step == 1):
                         self._log_step(values)
                     if tc.eval_every_steps and self.step % tc.eval_every_steps == 0:
-                        last_val, evaluated_at = self.evaluate(), self.step
-                        self._after_eval(last_val)
+                        last_val, evaluated_at = self._validate(), self.step
                     every = self.cfg.checkpoint.every_steps
                     if every and self.step % every == 0:
                         self.save()
+                        saved_at = self.step
                     if self.cfg.debug.kill_at_step == self.step:
                         os.kill(os.getpid(), signal.SIGKILL)
+                    if self.patience_spent():
+                        break
                 if self.batch_in_epoch >= self.steps_per_epoch:
                     self.epoch += 1
                     self.batch_in_epoch = 0
-                    last_val, evaluated_at = self.evaluate(), self.step
-                    self._after_eval(last_val)
+                    if evaluated_at != self.step:  # not twice at one step (patience counts)
+                        last_val, evaluated_at = self._validate(), self.step
                     self.save()
-            if self.batch_in_epoch:
+                    saved_at = self.step
+            if self.step != start_step:
+                # ended mid-epoch (train.max_steps, or stopped early): validate and save
+                # this step, so the newest step checkpoint is where the run ended
                 if evaluated_at != self.step and self.parts.val_set is not None:
-                    last_val = self.evaluate()
-                    self._after_eval(last_val)
-                self.save()
+                    last_val, evaluated_at = self._validate(), self.step
+                if saved_at != self.step:
+                    self.save()
         finally:
             if progress is not None:
                 progress.close()
@@ -649,8 +838,9 @@ class _CurrentStderr(logging.StreamHandler):
         """StreamHandler.__init__ assigns a stream; the property always answers sys.stderr."""
 
 
-def configure_logging(run_dir: Path, rank: int) -> None:
-    """Rank 0 logs INFO to stderr and to ``<run_dir>/train.log``; other ranks warnings only."""
+def configure_logging(run_dir: Path | None, rank: int) -> None:
+    """Rank 0 logs INFO to stderr and to ``<run_dir>/train.log`` (stderr only when
+    ``run_dir`` is None); other ranks warnings only."""
     close_logging()
     logger = logging.getLogger("fastcore")
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -658,7 +848,7 @@ def configure_logging(run_dir: Path, rank: int) -> None:
     stream = _CurrentStderr()
     stream.setFormatter(fmt)
     logger.addHandler(stream)
-    if rank == 0:
+    if rank == 0 and run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(run_dir / "train.log")
         fh.setFormatter(fmt)
