@@ -699,7 +699,7 @@ def test_unknown_job_says_how_to_name_a_module(tmp_path, scripted_job, capsys):
         resolve_config(None, ["job=exmaple"])
     message = str(caught.value)
     assert message.startswith(
-        "unknown job 'exmaple'; registered jobs: basin, example, kv_distill, temporal_align "
+        "unknown job 'exmaple'; registered jobs: basin, example, kv_distill, panel, temporal_align "
         "(did you mean 'example'?); or a module path: 'job: my_job' imports my_job.py"
     )
     assert "'job: mypackage.my_job' imports mypackage/my_job.py" in message

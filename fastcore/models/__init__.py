@@ -2,6 +2,7 @@
 
 from fastcore.models.basin import BasinGRU, HierarchicalBasinModel
 from fastcore.models.kv_distill import KVDistiller, KVDistillOutput, build_tiny_qwen2_pair
+from fastcore.models.panel import PanelForecaster
 from fastcore.models.temporal_llm import TemporalLLMWrapper
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "HierarchicalBasinModel",
     "KVDistillOutput",
     "KVDistiller",
+    "PanelForecaster",
     "TemporalLLMWrapper",
     "build_tiny_qwen2_pair",
 ]

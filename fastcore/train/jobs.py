@@ -39,6 +39,7 @@ JOBS: dict[str, str] = {
     "basin": "fastcore.train.basin",
     "kv_distill": "fastcore.train.kv_distill",
     "temporal_align": "fastcore.train.temporal_align",
+    "panel": "fastcore.train.panel",
 }
 
 #: What a job module must define.
