@@ -101,7 +101,9 @@ TORCH_LIBRARY(fastcore, m) {
   // head_mix [G, Hs, Ht]; dim_proj [G, Dt, Ds] (shared) or [G, Ht, Dt, Ds] (per teacher
   // head); bias [G, Hs, Ds]; ptr [Ts+1] / idx [E] (int64) / weight [E] the resampling rows
   // over teacher time, t_ptr / t_col / t_edge the same rows grouped by teacher step (for the
-  // backward; see kv_project_backward). Returns [G, B, Hs, Ts, Ds] in kv's dtype, accumulated in float32
+  // backward; see kv_project_backward). Per-example rows (a batched Resample): ptr [B, Ts+1]
+  // and t_ptr [B, Tt+1], their values indexing the concatenated entries, idx and t_col local
+  // to the example. Returns [G, B, Hs, Ts, Ds] in kv's dtype, accumulated in float32
   // (float64 for float64), with no intermediate tensor of teacher or student size.
   m.def(
       "kv_project(Tensor[] kv, Tensor head_mix, Tensor dim_proj, Tensor? bias, Tensor ptr, "
@@ -109,23 +111,25 @@ TORCH_LIBRARY(fastcore, m) {
   // Per-group distillation losses [G] (float32; float64 for float64) between the projected
   // teacher groups and the student groups [B, Hs, Ts, Ds] (kv's dtype): loss "mse" (mean
   // squared error over every element) or "cosine" (mean of 1 - cos over Ds per row), the
-  // projected cache never materialised.
+  // projected cache never materialised. mask [B, Ts] (bool or uint8) or None: masked rows are
+  // skipped (never read into the loss or a gradient) and the means run over the valid rows
+  // (none valid: 0).
   m.def(
       "kv_distill_loss(Tensor[] kv, Tensor[] student, Tensor head_mix, Tensor dim_proj, "
       "Tensor? bias, Tensor ptr, Tensor idx, Tensor weight, Tensor t_ptr, Tensor t_col, "
-      "Tensor t_edge, str loss) -> Tensor");
+      "Tensor t_edge, str loss, Tensor? mask=None) -> Tensor");
   // The backward of both: grad_out [G, B, Hs, Ts, Ds] for kv_project (loss ""), or the
   // student groups and loss_grad [G] for kv_distill_loss (loss "mse"/"cosine"; the output
   // gradient is recomputed tile by tile). t_ptr [Tt+1] / t_col / t_edge: the resampling
   // rows grouped by teacher step (t_edge: each entry's position in idx). Returns
   // (grad_kv: G tensors when need_kv else none, grad_head_mix, grad_dim_proj, grad_bias
   // ([0] without bias), grad_student: G tensors for the loss else none); parameter
-  // gradients in float32 (float64 for float64). Deterministic.
+  // gradients in float32 (float64 for float64). Deterministic. mask: the loss's, as above.
   m.def(
       "kv_project_backward(Tensor? grad_out, Tensor[] kv, Tensor head_mix, Tensor dim_proj, "
       "Tensor? bias, Tensor ptr, Tensor idx, Tensor weight, Tensor t_ptr, Tensor t_col, "
-      "Tensor t_edge, Tensor[] student, Tensor? loss_grad, str loss, bool need_kv) -> "
-      "(Tensor[], Tensor, Tensor, Tensor, Tensor[])");
+      "Tensor t_edge, Tensor[] student, Tensor? loss_grad, str loss, bool need_kv, "
+      "Tensor? mask=None) -> (Tensor[], Tensor, Tensor, Tensor, Tensor[])");
 }
 
 PYBIND11_MODULE(_C, m) {

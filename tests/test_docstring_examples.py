@@ -25,6 +25,7 @@ MODULES = [
     "fastcore.nn.spatiotemporal",
     "fastcore.nn.temporal",
     "fastcore.nn.heads",
+    "fastcore.nn.kv",
     "fastcore.data.panel",
     "fastcore.data.epidemic",
     "fastcore.train.jobs",

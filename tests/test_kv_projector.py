@@ -280,8 +280,11 @@ def test_forward_on_dynamic_cache_from_a_model_run():
     assert isinstance(cache, transformers.DynamicCache)
     p = KVProjector.from_configs(t_cfg, s_cfg, dtype=F64)
     randomize(p, seed=3)
-    got = p(cache)
+    as_cache = p(cache)  # a DynamicCache in gives a DynamicCache out
+    assert isinstance(as_cache, transformers.DynamicCache)
+    got = cache_pairs(as_cache)
     legacy = p([(layer.keys, layer.values) for layer in cache.layers])
+    assert isinstance(legacy, list)
     want = reference_pairs(p, cache, None)
     for (k, v), (lk, lv), (rk, rv) in zip(got, legacy, want, strict=True):
         assert k.shape == (2, 2, 7, 8)
@@ -327,9 +330,8 @@ def test_wrong_config_kv_heads_from_attention_heads():
     ):
         p(cache)
     # the right config works on the same cache
-    assert KVProjector.from_configs(real, namespace(layers=1, heads=4, kv_heads=2, hidden=32))(
-        cache
-    )[0][0].shape == (1, 2, 5, 8)
+    right = KVProjector.from_configs(real, namespace(layers=1, heads=4, kv_heads=2, hidden=32))
+    assert cache_pairs(right(cache))[0][0].shape == (1, 2, 5, 8)
 
 
 def test_bad_caches_clear_errors():

@@ -326,3 +326,104 @@ def test_ablation_runner_writes_json(tmp_path, capsys):
         assert 0 <= row["aligned"]["classification_accuracy"] <= 1
     assert len(list(out.glob("lm-*.pt"))) == 1  # one warm-up shared by both
     assert main(["--out", str(out), "--only", "nonsense"]) == 2
+
+
+def _resume_overrides(run_dir, *extra):
+    short = {
+        "model.lm_steps": "20",
+        "train.max_steps": "6",
+        "data.eval_samples": "2",
+        "data.max_new_tokens": "2",
+        "data.report_examples": "0",
+        "train.eval_at_start": "false",
+    }
+    over = [o for o in _tiny_overrides(run_dir) if o.split("=")[0] not in short]
+    return [
+        *over,
+        *(f"{k}={v}" for k, v in short.items()),
+        "checkpoint.every_steps=3",
+        "checkpoint.keep_last=3",
+        *extra,
+    ]
+
+
+def _train_losses(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def test_checkpoints_identify_the_frozen_lm_and_resume_exactly(tmp_path):
+    import shutil
+
+    from fastcore.train import CheckpointError, load_run
+    from fastcore.train import checkpoint as ckpt_io
+    from fastcore.train.cli import resolve_config, run
+
+    def config(run_dir, *extra):
+        return resolve_config("configs/temporal_align.yaml", _resume_overrides(run_dir, *extra))
+
+    whole = tmp_path / "whole"
+    run(config(whole))
+    step3 = whole / "checkpoints" / "step-00000003.pt"
+    state = ckpt_io.load(step3)
+    # the encoder's weights and an identity of the frozen LM, not the LM itself
+    assert state["model"] and all(k.startswith("encoder.") for k in state["model"])
+    ident = state["frozen"]["llm"]
+    assert ident["class"].endswith("Qwen2ForCausalLM") and ident["hashed"] == "all bytes"
+    assert ident["parameters"] == sum(
+        p.numel() for p in load_run(whole, "last").model.llm.parameters()
+    )
+    assert "warmed up 20 steps" in ident["source"] and "warm-up key" in ident["source"]
+    assert '"hidden_size": 64' in ident["config"]
+    lm_bytes = (whole / "lm.pt").stat().st_size
+    assert step3.stat().st_size < lm_bytes / 2
+    log = (whole / "train.log").read_text()
+    assert "[SANITY] frozen llm (left out of checkpoints): Qwen2ForCausalLM" in log
+    assert "cpu_peak_rss_mib" in log
+
+    # resumed in a fresh directory: the LM is warmed up again from the config (the same
+    # weights, checked), and steps 4-6 are the uninterrupted run's, bit for bit
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(step3, resumed / "checkpoints" / step3.name)
+    run(config(resumed), resume="latest")
+    assert "[LM warm-up] step 20/20" in (resumed / "train.log").read_text()
+    assert _train_losses(resumed) == {s: v for s, v in _train_losses(whole).items() if s > 3}
+    last = ckpt_io.load(ckpt_io.step_checkpoints(resumed / "checkpoints")[-1])["model"]
+    expected = ckpt_io.load(ckpt_io.step_checkpoints(whole / "checkpoints")[-1])["model"]
+    assert last.keys() == expected.keys()
+    assert all(torch.equal(last[k], expected[k]) for k in last)
+
+    # another LM (a longer warm-up): a clear error naming what differs, before any step
+    with pytest.raises(CheckpointError) as caught:
+        run(config(resumed, "model.lm_steps=21"), resume=str(step3))
+    message = str(caught.value)
+    assert "was written with another frozen 'llm'" in message
+    assert "values differ in" in message
+    assert "warmed up 20 steps" in message and "warmed up 21 steps" in message
+    with pytest.raises(CheckpointError, match=r"config hidden_size 64 vs 32"):
+        load_run(whole, "last", ["model.hidden=32", "model.heads=2", "model.kv_heads=1"])
+    # the mistaken run left the run's config alone and kept the warm-up it replaced as
+    # lm-<key>.pt, where loading the run finds it again: the identity matches
+    assert resolve_config(resumed / "config.yaml").model.lm_steps == 20
+    assert len(list(resumed.glob("lm-*.pt"))) == 1
+    loaded = load_run(resumed, "last")
+    encoder = loaded.model.encoder.state_dict()
+    assert all(torch.equal(encoder[k.removeprefix("encoder.")], v) for k, v in last.items())
+
+
+def test_describe_the_config_given(capsys):
+    from fastcore.train.cli import main
+
+    assert main(["--config", "configs/temporal_align.yaml", "--describe"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# job temporal_align from configs/temporal_align.yaml")
+    assert "\n  lm_steps: 1600  # an int >= 0; tiny LM: warm-up steps" in out
+    assert "\n  max_steps: 300  # default None; null or an int >= 1;" in out
+    assert "\n  lr: 0.003  # default 0.001; a finite float > 0;" in out
+    assert "\njob: 'temporal_align'  # default 'example';" in out
+    assert main(["--config", "configs/temporal_align.yaml", "--describe", "model.width=8"]) == 0
+    assert "\n  width: 8  # default 32; an int >= 1; encoder" in capsys.readouterr().out
+    assert main(["--describe", "temporal_align"]) == 0
+    out = capsys.readouterr().out
+    assert "\n  lm_steps: 1600  # an int >= 0;" in out and "\n  max_steps: None  #" in out

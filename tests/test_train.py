@@ -699,7 +699,8 @@ def test_unknown_job_says_how_to_name_a_module(tmp_path, scripted_job, capsys):
         resolve_config(None, ["job=exmaple"])
     message = str(caught.value)
     assert message.startswith(
-        "unknown job 'exmaple'; registered jobs: basin, example, kv_distill, panel, temporal_align "
+        "unknown job 'exmaple'; registered jobs: basin, example, kv_distill, kv_study, panel, "
+        "temporal_align "
         "(did you mean 'example'?); or a module path: 'job: my_job' imports my_job.py"
     )
     assert "'job: mypackage.my_job' imports mypackage/my_job.py" in message
@@ -743,3 +744,258 @@ def test_register_job(scripted_job):
         register_job("mine", "my-job")
     with pytest.raises(TypeError, match="takes two strings"):
         register_job("mine", scripted_job)
+
+
+# ------------------------------------------------------------------- --describe and [MEM]
+
+
+def test_describe_the_config_given_or_the_job_named(tmp_path, capsys, scripted_job):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("job: scripted_job\ntrain:\n  lr: 0.01\nmodel:\n  width: 7\n")
+    assert main(["--config", str(mine), "--describe"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# job scripted_job from {mine}: each field's value")
+    assert "\n  width: 7  # default 4; an int >= 1; inputs of the linear model\n" in out
+    assert "\n  lr: 0.01  # default 0.001; a finite float > 0; AdamW peak" in out
+    assert "\n  epochs: 1  # an int >= 1;" in out  # not in the file: the default
+    assert (
+        "\n  scores: [1.0]  # a list of finite floats; val_score of the k-th" in out
+    )  # the default
+    # overrides count, after the file; --describe FILE.yaml reads it as the config
+    assert main(["--config", str(mine), "--describe", "model.width=9"]) == 0
+    assert "\n  width: 9  # default 4;" in capsys.readouterr().out
+    assert main(["--describe", str(mine), "train.lr=0.5"]) == 0
+    assert "\n  lr: 0.5  # default 0.001;" in capsys.readouterr().out
+    # --describe JOB: the defaults, as before (and JOB's own sections)
+    assert main(["--describe", "example"]) == 0
+    out = capsys.readouterr().out
+    assert "\n  hidden: 16  # an int >= 1; latent width" in out and not out.startswith("#")
+    assert main(["--describe", "example", f"--config={CONFIG}"]) == 0
+    assert capsys.readouterr().out.startswith(f"# job example from {CONFIG}")
+    # a config of another job than the one named, and a bad value in the file
+    assert main(["--config", str(mine), "--describe", "example"]) == 2
+    assert "ConfigError: --describe example: the config" in capsys.readouterr().err
+    mine.write_text("job: scripted_job\nmodel:\n  width: 0\n")
+    assert main(["--config", str(mine), "--describe"]) == 2
+    assert "ConfigError: model.width = 0: expected an int >= 1" in capsys.readouterr().err
+
+
+def test_memory_stats_report_the_peak():
+    from fastcore.train.diagnostics import memory_stats
+
+    before = memory_stats(torch.device("cpu"))
+    assert list(before) == ["cpu_rss_mib", "cpu_peak_rss_mib"]
+    big = torch.ones(384 * 2**20 // 4)  # 384 MiB, touched
+    big.add_(1)
+    during = memory_stats(torch.device("cpu"))
+    del big
+    after = memory_stats(torch.device("cpu"))
+    assert during["cpu_peak_rss_mib"] >= during["cpu_rss_mib"] - 1
+    assert after["cpu_peak_rss_mib"] >= before["cpu_rss_mib"] + 300  # the peak stays
+    assert after["cpu_peak_rss_mib"] >= after["cpu_rss_mib"] + 300  # while RSS fell back
+
+
+# --------------------------------------------------------------- frozen submodules
+
+# A model whose frozen backbone the job builds from data.backbone_seed every time:
+# checkpoints leave it out and identify it (JobParts.frozen).
+FROZEN_JOB = '''
+"""A job with a frozen backbone built from data.backbone_seed (the frozen-module tests)."""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from fastcore.train import JobParts, option
+
+
+@dataclass
+class DataConfig:
+    backbone_seed: int = option(0, "seed of the frozen backbone's weights", ge=0)
+    running_stats: bool = option(False, "a BatchNorm in the backbone (it changes in train mode)")
+    declare: bool = option(True, "declare the backbone frozen (JobParts.frozen)")
+
+
+@dataclass
+class ModelConfig:
+    width: int = option(32, "the backbone's width", ge=1)
+
+
+class Net(nn.Module):
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.backbone(x)))
+
+
+def build(cfg, ctx):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 4, generator=g)
+    y = torch.sin(3 * x).sum(1, keepdim=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.data.backbone_seed)
+        layers = [nn.Linear(4, cfg.model.width), nn.Tanh(), nn.Linear(cfg.model.width, 64)]
+        if cfg.data.running_stats:
+            layers.append(nn.BatchNorm1d(64))
+        backbone = nn.Sequential(*layers).requires_grad_(False)
+    model = Net(backbone, nn.Sequential(nn.Linear(64, 16), nn.Dropout(0.2), nn.Linear(16, 1)))
+
+    def loss_fn(model, batch):
+        xb, yb = batch
+        return (model(xb) - yb).pow(2).mean(), {}
+
+    source = f"an MLP of width {cfg.model.width} from seed {cfg.data.backbone_seed}"
+    return JobParts(
+        model=model,
+        train_set=TensorDataset(x, y),
+        val_set=TensorDataset(x[:32], y[:32]),
+        loss_fn=loss_fn,
+        frozen={"backbone": source} if cfg.data.declare else {},
+    )
+'''
+
+# 96 samples, batch 16: 6 steps per epoch, 12 in all; a checkpoint every 4 steps.
+FROZEN = [
+    "job=frozen_job",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "train.threads=1",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "train.lr=0.01",
+    "checkpoint.every_steps=4",
+    "checkpoint.keep_last=5",
+]
+
+
+@pytest.fixture
+def frozen_job(tmp_path, monkeypatch):
+    """``job: frozen_job`` importable from ``tmp_path``."""
+    (tmp_path / "frozen_job.py").write_text(FROZEN_JOB)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("frozen_job", None)
+
+
+def frozen_config(run_dir: Path, *extra: str):
+    return resolve_config(None, [f"run_dir={run_dir}", *FROZEN, *extra])
+
+
+def test_frozen_submodules_are_identified_not_saved_and_resume_exactly(frozen_job):
+    import shutil
+
+    from fastcore.train import load_run
+
+    whole = frozen_job / "whole"
+    run(frozen_config(whole))
+    step4 = whole / "checkpoints" / "step-00000004.pt"
+    state = ckpt_io.load(step4)
+    assert sorted(state["model"]) == [
+        "head.0.bias",
+        "head.0.weight",
+        "head.2.bias",
+        "head.2.weight",
+    ]
+    assert sorted(state["fingerprint"]) == sorted(state["model"])
+    ident = state["frozen"]["backbone"]
+    assert ident["source"] == "an MLP of width 32 from seed 0"
+    assert ident["class"] == "torch.nn.modules.container.Sequential"
+    assert ident["parameters"] == 4 * 32 + 32 + 32 * 64 + 64 == 2272 and ident["config"] is None
+    assert sorted(ident["tensors"]) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert ident["tensors"]["0.weight"].startswith("float32[32, 4] ")
+    text = (whole / "train.log").read_text()
+    assert (
+        "[SANITY] frozen backbone (left out of checkpoints): Sequential, 2,272 parameters" in text
+    )
+    # the same job with nothing declared frozen stores the backbone: a bigger file
+    full = frozen_job / "full"
+    run(frozen_config(full, "data.declare=false", "train.epochs=1"))
+    full4 = ckpt_io.load(full / "checkpoints" / "step-00000004.pt")
+    assert "backbone.2.weight" in full4["model"] and full4["frozen"] == {}
+    assert (full / "checkpoints" / "step-00000004.pt").stat().st_size > step4.stat().st_size
+
+    # resumed elsewhere from step 4 (the backbone built again): the same steps, bit for bit
+    resumed = frozen_job / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(step4, resumed / "checkpoints")
+    run(frozen_config(resumed), resume="latest")
+    assert losses(resumed) == {s: v for s, v in losses(whole).items() if s > 4}
+    assert_weights_close(final_weights(resumed), final_weights(whole), rtol=0, atol=0)
+
+    # another backbone: refused before anything is written, naming what differs
+    config_before = (resumed / "config.yaml").read_text()
+    with pytest.raises(CheckpointError) as caught:
+        run(frozen_config(resumed, "data.backbone_seed=1"), resume=str(step4))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"checkpoint {str(step4)!r} was written with another frozen 'backbone' (its weights "
+        "are not in checkpoints; the job rebuilds it from the config): values differ in 4 of "
+        "4 tensors (0.bias, 0.weight, 2.bias, 2.weight). The checkpoint's came from: an MLP "
+        "of width 32 from seed 0; this run's from: an MLP of width 32 from seed 1."
+    )
+    assert (resumed / "config.yaml").read_text() == config_before
+    with pytest.raises(CheckpointError, match=r"2,272 vs 1,168 parameters; dtype/shape 0\.bias"):
+        run(frozen_config(resumed, "model.width=16"), resume=str(step4))
+    with pytest.raises(CheckpointError, match=r"holds no weights for backbone \(frozen when"):
+        run(frozen_config(resumed, "data.declare=false"), resume=str(step4))
+
+    # load_run (and evaluate) check it the same way
+    loaded = load_run(whole, "last")
+    assert torch.equal(loaded.model.head[0].weight, final_weights(whole)["head.0.weight"])
+    with pytest.raises(CheckpointError, match="another frozen 'backbone'"):
+        load_run(whole, "last", ["data.backbone_seed=2"])
+    # a checkpoint that stores the backbone (nothing declared frozen, or older than the
+    # declaration) still loads into a model that declares it frozen: its copy is used
+    loaded = load_run(full, "last", ["data.declare=true"])
+    assert torch.equal(loaded.model.backbone[2].weight, full4["model"]["backbone.2.weight"])
+    older = {k: v for k, v in full4.items() if k != "frozen"}
+    torch.save(older, frozen_job / "older.pt")
+    loaded = load_run(full, str(frozen_job / "older.pt"), ["data.declare=true"])
+    assert torch.equal(loaded.model.head[0].weight, full4["model"]["head.0.weight"])
+
+
+def test_a_frozen_submodule_that_changes_or_trains_is_refused(frozen_job):
+    # a BatchNorm in train mode updates its running statistics: not rebuildable
+    with pytest.raises(
+        CheckpointError,
+        match=r"frozen 'backbone' \(JobParts\.frozen\) changed "
+        r"during training: values differ in 3 of 9 tensors \(3\.num_batches_tracked, "
+        r"3\.running_mean",
+    ):
+        run(frozen_config(frozen_job / "bn", "data.running_stats=true"))
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    net[0].requires_grad_(False)
+    with pytest.raises(
+        ValueError, match=r"names 'body', which is not a submodule .* children: 0, 1"
+    ):
+        ckpt_io.check_frozen(net, {"body": "x"})
+    with pytest.raises(ValueError, match=r"names '1', but 2 of its parameters require grad"):
+        ckpt_io.check_frozen(net, {"1": "x"})
+    with pytest.raises(ValueError, match=r"expected a non-empty description"):
+        ckpt_io.check_frozen(net, {"0": " "})
+    ckpt_io.check_frozen(net, {"0": "seed 0"})
+
+
+def test_module_identity_counts_tied_tensors_once_and_samples_big_ones(monkeypatch):
+    torch.manual_seed(0)
+    emb = nn.Embedding(100, 8)
+    tied = nn.ModuleDict({"inp": emb, "out": nn.Linear(8, 100, bias=False)})
+    tied["out"].weight = emb.weight
+    ident = ckpt_io.module_identity(tied, "tied")
+    assert ident["bytes"] == 100 * 8 * 4 and ident["hashed"] == "all bytes"
+    assert ident["tensors"]["inp.weight"] == ident["tensors"]["out.weight"]
+    # every element counts when hashed in full; a strided sample past FULL_HASH_BYTES
+    monkeypatch.setattr(ckpt_io, "FULL_HASH_BYTES", 1000)
+    monkeypatch.setattr(ckpt_io, "HASH_SAMPLE", 10)
+    sampled = ckpt_io.module_identity(tied, "tied")
+    assert sampled["hashed"] == "strided sample of 10 elements a tensor"
+    assert ckpt_io.identity_differences(ident, sampled) == []  # schemes differ: not compared
+    with torch.no_grad():
+        emb.weight.view(-1)[-1] += 1  # the last element is always in the sample
+    assert ckpt_io.identity_differences(sampled, ckpt_io.module_identity(tied, "tied")) == [
+        "values differ in 2 of 2 tensors (inp.weight, out.weight)"
+    ]

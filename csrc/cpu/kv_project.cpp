@@ -13,6 +13,13 @@
 // Nothing of teacher or student size is written except the output (and, in the backward,
 // the kv gradient with its one student-sized intermediate).
 //
+// Resampling rows: ptr [Ts+1] shared by the batch, or [B, Ts+1] per example (a batched
+// Resample; its values index one concatenated idx/weight, idx local to the example), read
+// from ptr + b * ptr_stride; the transpose likewise (t_ptr [Tt+1] or [B, Tt+1], t_col local
+// rows, t_edge global entry ids). The loss's optional mask [B, Ts] (bool/uint8): a masked
+// row is skipped everywhere (no teacher step read, no loss term, zero gradient rows), and
+// each group's mean runs over the valid rows.
+//
 // Determinism: parameter gradients and losses are summed per fixed chunk of work items
 // (the chunking depends on the shapes only, never on the thread count), then the chunks
 // are added in order. The kv gradient is a gather over the transposed resampling rows.
@@ -49,6 +56,7 @@ Loss parse_loss(const std::string& loss, bool allow_none) {
 
 struct Dims {
   int64_t G, B, Ht, Tt, Dt, Hs, Ts, Ds;
+  int64_t ptr_stride;  // 0: rows shared by the batch; Ts + 1: per-example rows
   bool per_head;
   int64_t tiles() const { return (Ts + kTile - 1) / kTile; }
   int64_t items() const { return B * tiles(); }  // per group
@@ -90,13 +98,32 @@ Dims check_args(const char* op, at::TensorList kv, const at::Tensor& head_mix,
                           bias->size(2) == d.Ds,
                       op, ": bias must be [G, Hs, Ds], got ", bias->sizes());
   }
-  TORCH_CHECK_VALUE(ptr.dim() == 1 && ptr.numel() >= 1 && ptr.scalar_type() == at::kLong, op,
-                    ": ptr must be a non-empty 1-D int64 tensor");
+  TORCH_CHECK_VALUE((ptr.dim() == 1 || (ptr.dim() == 2 && ptr.size(0) == d.B)) && ptr.size(-1) >= 1 &&
+                        ptr.scalar_type() == at::kLong,
+                    op, ": ptr must be int64 [Ts+1] or [B=", d.B, ", Ts+1], got ", ptr.sizes());
   TORCH_CHECK_VALUE(idx.dim() == 1 && idx.scalar_type() == at::kLong && weight.dim() == 1 &&
                         weight.numel() == idx.numel(),
                     op, ": idx (int64) and weight must be 1-D of the same length");
-  d.Ts = ptr.numel() - 1;
+  d.Ts = ptr.size(-1) - 1;
+  d.ptr_stride = ptr.dim() == 2 ? d.Ts + 1 : 0;
   return d;
+}
+
+// The loss's row mask [B, Ts] (bool or uint8, contiguous) or null; n_valid its true rows.
+const uint8_t* row_mask(const char* op, const Dims& d, const std::optional<at::Tensor>& mask,
+                        std::vector<at::Tensor>& keep, int64_t& n_valid) {
+  n_valid = d.B * d.Ts;
+  if (!mask.has_value()) return nullptr;
+  TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == d.B && mask->size(1) == d.Ts, op,
+                    ": mask must be [B=", d.B, ", Ts=", d.Ts, "], got ", mask->sizes());
+  TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool || mask->scalar_type() == at::kByte, op,
+                   ": mask must be bool or uint8, got ", mask->scalar_type());
+  TORCH_CHECK(mask->device().is_cpu(), op, ": mask must be on the CPU here");
+  keep.push_back(mask->contiguous());
+  const auto* m = static_cast<const uint8_t*>(keep.back().const_data_ptr());
+  n_valid = 0;
+  for (int64_t i = 0; i < d.B * d.Ts; ++i) n_valid += m[i] != 0;
+  return m;
 }
 
 // Chunks of work items per group: enough units for every thread on small problems, a fixed
@@ -134,8 +161,13 @@ struct Inputs {
   const int64_t* ptr;
   const int64_t* idx;
   const acc_t* w;
+  const uint8_t* live = nullptr;  // the loss's row mask [B, Ts], or null (every row)
 
   const scalar_t* x(int64_t g, int64_t b) const { return kv[g] + b * d.Ht * d.Tt * d.Dt; }
+  const int64_t* rows(int64_t b) const { return ptr + b * d.ptr_stride; }  // example b's ptr
+  const uint8_t* live_rows(int64_t b, int64_t t0) const {
+    return live ? live + b * d.Ts + t0 : nullptr;
+  }
   at::Tensor proj(int64_t g) const { return P[g]; }  // [Dt, Ds] or [Ht, Dt, Ds]
 };
 
@@ -150,15 +182,19 @@ struct Buffers {
   }
 };
 
-// xr[h, i, :] = sum_k w[k] * x[h, idx[k], :] over the row of student step t0 + i.
+// xr[h, i, :] = sum_k w[k] * x[h, idx[k], :] over the row of student step t0 + i (zeros
+// for a masked row: its teacher steps are never read).
 template <typename scalar_t, typename acc_t>
 FASTCORE_SIMD_CLONES void resample_tile(const Inputs<scalar_t>& in, int64_t g, int64_t b,
                                         int64_t t0, int64_t tn, acc_t* xr) {
   const Dims& d = in.d;
   const scalar_t* x = in.x(g, b);
+  const int64_t* ptr = in.rows(b);
+  const uint8_t* live = in.live_rows(b, t0);
   std::fill(xr, xr + d.Ht * kTile * d.Dt, acc_t(0));
   for (int64_t i = 0; i < tn; ++i) {
-    for (int64_t k = in.ptr[t0 + i]; k < in.ptr[t0 + i + 1]; ++k) {
+    if (live && !live[i]) continue;
+    for (int64_t k = ptr[t0 + i]; k < ptr[t0 + i + 1]; ++k) {
       const acc_t wk = in.w[k];
       const int64_t j = in.idx[k];
       for (int64_t h = 0; h < d.Ht; ++h) {
@@ -288,15 +324,23 @@ at::Tensor kv_project_cpu(at::TensorList kv, const at::Tensor& head_mix, const a
 
 // Per-row distillation terms on a projected tile o and the student tile st, both
 // [tn, Ds] with row stride ds_stride: the loss contribution, and optionally the gradients
-// (scaled by `scale`) written over o (d/do) and into d_st (d/dst).
+// (scaled by `scale`) written over o (d/do) and into d_st (d/dst). A row that `live`
+// (null: all) marks 0 is skipped: no term, zero gradients, its values never read.
 template <typename acc_t>
 double distill_rows(Loss loss, acc_t* o, const acc_t* st, int64_t tn, int64_t Ds, bool grad,
-                    acc_t scale, acc_t* d_st) {
+                    acc_t scale, acc_t* d_st, const uint8_t* live) {
   double total = 0;
   for (int64_t i = 0; i < tn; ++i) {
     acc_t* oi = o + i * Ds;
     const acc_t* si = st + i * Ds;
     acc_t* dsi = d_st ? d_st + i * Ds : nullptr;
+    if (live && !live[i]) {
+      if (grad) {
+        std::fill(oi, oi + Ds, acc_t(0));
+        if (dsi) std::fill(dsi, dsi + Ds, acc_t(0));
+      }
+      continue;
+    }
     if (loss == Loss::kMse) {
       double row = 0;
       for (int64_t c = 0; c < Ds; ++c) {
@@ -338,8 +382,11 @@ void load_rows(const scalar_t* src, int64_t n, acc_t* dst) {
   for (int64_t e = 0; e < n; ++e) dst[e] = static_cast<acc_t>(src[e]);
 }
 
-double distill_denominator(const Dims& d, Loss loss) {
-  const double rows = static_cast<double>(d.B) * d.Hs * d.Ts;
+// N of a group's mean: every element (mse) or every row (cosine) of the valid rows
+// (n_valid of B * Ts).
+double distill_denominator(const Dims& d, Loss loss, int64_t n_valid) {
+  const double rows = n_valid == d.B * d.Ts ? static_cast<double>(d.B) * d.Hs * d.Ts
+                                            : static_cast<double>(n_valid) * d.Hs;
   return loss == Loss::kMse ? rows * d.Ds : rows;
 }
 
@@ -347,7 +394,8 @@ at::Tensor kv_distill_loss_cpu(at::TensorList kv, at::TensorList student, const 
                                const at::Tensor& dim_proj, const std::optional<at::Tensor>& bias,
                                const at::Tensor& ptr, const at::Tensor& idx,
                                const at::Tensor& weight, const at::Tensor&, const at::Tensor&,
-                               const at::Tensor&, const std::string& loss_name) {
+                               const at::Tensor&, const std::string& loss_name,
+                               const std::optional<at::Tensor>& mask) {
   at::AutoDispatchBelowADInplaceOrView guard;
   const Dims d = check_args("kv_distill_loss", kv, head_mix, dim_proj, bias, ptr, idx, weight);
   const Loss loss = parse_loss(loss_name, false);
@@ -362,14 +410,17 @@ at::Tensor kv_distill_loss_cpu(at::TensorList kv, at::TensorList student, const 
   }
   const auto out_type = kv[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = at::zeros({d.G}, kv[0].options().dtype(out_type));
-  if (d.items() == 0) return out;
-  const double denom = distill_denominator(d, loss);
+  std::vector<at::Tensor> keep;
+  int64_t n_valid = 0;
+  const uint8_t* live = row_mask("kv_distill_loss", d, mask, keep, n_valid);
+  if (d.items() == 0 || n_valid == 0) return out;
+  const double denom = distill_denominator(d, loss, n_valid);
   const int64_t chunks = chunks_per_group(d);
   std::vector<double> partial(d.G * chunks, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kv[0].scalar_type(), "kv_distill_loss", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<at::Tensor> keep;
-    const auto in = make_inputs<scalar_t>(d, keep, kv, head_mix, dim_proj, bias, ptr, idx, weight);
+    auto in = make_inputs<scalar_t>(d, keep, kv, head_mix, dim_proj, bias, ptr, idx, weight);
+    in.live = live;
     std::vector<const scalar_t*> st;
     for (const auto& s : student) {
       keep.push_back(s.contiguous());
@@ -384,7 +435,8 @@ at::Tensor kv_distill_loss_cpu(at::TensorList kv, at::TensorList student, const 
       double sum = 0;
       for (int64_t s = 0; s < d.Hs; ++s) {
         load_rows(st[g] + ((b * d.Hs + s) * d.Ts + t0) * d.Ds, tn * d.Ds, srow.data());
-        sum += distill_rows<acc_t>(loss, tile + s * kTile * d.Ds, srow.data(), tn, d.Ds, false, 0, nullptr);
+        sum += distill_rows<acc_t>(loss, tile + s * kTile * d.Ds, srow.data(), tn, d.Ds, false, 0, nullptr,
+                                   in.live_rows(b, t0));
       }
       partial[g * chunks + c] += sum;
     });
@@ -410,7 +462,7 @@ kv_project_backward_cpu(const std::optional<at::Tensor>& grad_out, at::TensorLis
                         const at::Tensor& idx, const at::Tensor& weight, const at::Tensor& t_ptr,
                         const at::Tensor& t_col, const at::Tensor& t_edge, at::TensorList student,
                         const std::optional<at::Tensor>& loss_grad, const std::string& loss_name,
-                        bool need_kv) {
+                        bool need_kv, const std::optional<at::Tensor>& mask) {
   at::AutoDispatchBelowADInplaceOrView guard;
   const Dims d = check_args("kv_project_backward", kv, head_mix, dim_proj, bias, ptr, idx, weight);
   const Loss loss = parse_loss(loss_name, true);
@@ -427,13 +479,20 @@ kv_project_backward_cpu(const std::optional<at::Tensor>& grad_out, at::TensorLis
                       "kv_project_backward: grad_out must be [G, B, Hs, Ts, Ds], got ",
                       grad_out->sizes());
   }
-  for (const auto* t : {&t_ptr, &t_col, &t_edge})
+  for (const auto* t : {&t_col, &t_edge})
     TORCH_CHECK_VALUE(t->dim() == 1 && t->scalar_type() == at::kLong,
-                      "kv_project_backward: t_ptr, t_col and t_edge must be 1-D int64");
-  TORCH_CHECK_VALUE(t_ptr.numel() == d.Tt + 1 && t_col.numel() == idx.numel() &&
-                        t_edge.numel() == idx.numel(),
-                    "kv_project_backward: the transposed rows must be t_ptr [Tt+1], t_col and "
-                    "t_edge [E]");
+                      "kv_project_backward: t_col and t_edge must be 1-D int64");
+  TORCH_CHECK_VALUE(t_ptr.scalar_type() == at::kLong && t_ptr.dim() == ptr.dim() &&
+                        (t_ptr.dim() == 1 || t_ptr.size(0) == d.B) && t_ptr.size(-1) == d.Tt + 1 &&
+                        t_col.numel() == idx.numel() && t_edge.numel() == idx.numel(),
+                    "kv_project_backward: the transposed rows must be t_ptr [Tt+1] (or [B, Tt+1] "
+                    "with per-example rows), t_col and t_edge [E]");
+  TORCH_CHECK_VALUE(distill || !mask.has_value(),
+                    "kv_project_backward: a mask is for the distillation loss only");
+  std::vector<at::Tensor> keep_mask;
+  int64_t n_valid = 0;
+  const uint8_t* live = row_mask("kv_project_backward", d, mask, keep_mask, n_valid);
+  const int64_t t_stride = t_ptr.dim() == 2 ? d.Tt + 1 : 0;
   const auto kv_type = kv[0].scalar_type();
   const auto acc_type = kv_type == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_opts = kv[0].options().dtype(acc_type);
@@ -457,7 +516,8 @@ kv_project_backward_cpu(const std::optional<at::Tensor>& grad_out, at::TensorLis
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kv_type, "kv_project_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<at::Tensor> keep;
-    const auto in = make_inputs<scalar_t>(d, keep, kv, head_mix, dim_proj, bias, ptr, idx, weight);
+    auto in = make_inputs<scalar_t>(d, keep, kv, head_mix, dim_proj, bias, ptr, idx, weight);
+    in.live = live;
     const scalar_t* go = nullptr;
     if (grad_out.has_value()) {
       keep.push_back(grad_out->contiguous());
@@ -473,8 +533,8 @@ kv_project_backward_cpu(const std::optional<at::Tensor>& grad_out, at::TensorLis
     std::vector<acc_t> lg(d.G, acc_t(0));
     if (distill) {
       const auto lgc = loss_grad->to(at::kDouble).cpu().contiguous();
-      const double denom = distill_denominator(d, loss);
-      for (int64_t g = 0; g < d.G; ++g)
+      const double denom = distill_denominator(d, loss, n_valid);
+      for (int64_t g = 0; n_valid > 0 && g < d.G; ++g)
         lg[g] = static_cast<acc_t>(lgc.const_data_ptr<double>()[g] / denom);
     }
     const int64_t mid_rows = d.per_head ? d.Ht : d.Hs;
@@ -492,7 +552,8 @@ kv_project_backward_cpu(const std::optional<at::Tensor>& grad_out, at::TensorLis
         for (int64_t s = 0; s < d.Hs; ++s) {
           const int64_t off = ((b * d.Hs + s) * d.Ts + t0) * d.Ds;
           load_rows(st[g] + off, tn * d.Ds, srow.data());
-          distill_rows<acc_t>(loss, G + s * kTile * d.Ds, srow.data(), tn, d.Ds, true, lg[g], dsrow.data());
+          distill_rows<acc_t>(loss, G + s * kTile * d.Ds, srow.data(), tn, d.Ds, true, lg[g], dsrow.data(),
+                              in.live_rows(b, t0));
           for (int64_t e = 0; e < tn * d.Ds; ++e) gst[g][off + e] = static_cast<scalar_t>(dsrow[e]);
         }
       } else {
@@ -574,9 +635,10 @@ kv_project_backward_cpu(const std::optional<at::Tensor>& grad_out, at::TensorLis
           const int64_t b = rest / j_tiles, j0 = (rest % j_tiles) * kTile;
           const int64_t jn = std::min(kTile, d.Tt - j0);
           const acc_t* base = dm + (g * d.B + b) * mid_rows * d.Ts * mid_width;
+          const int64_t* tpb = tp + b * t_stride;
           std::fill(ga, ga + mid_rows * kTile * mid_width, acc_t(0));
           for (int64_t i = 0; i < jn; ++i)
-            for (int64_t k = tp[j0 + i]; k < tp[j0 + i + 1]; ++k) {
+            for (int64_t k = tpb[j0 + i]; k < tpb[j0 + i + 1]; ++k) {
               const acc_t wk = in.w[te[k]];
               for (int64_t r = 0; r < mid_rows; ++r)
                 axpy(ga + (r * kTile + i) * mid_width, wk, base + (r * d.Ts + tc[k]) * mid_width, mid_width);

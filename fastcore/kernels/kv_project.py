@@ -37,6 +37,13 @@ the recomputed output tile and the student tile for a distillation loss):
   and forms ``grad_kv[h, j] = A[h, j] @ P_h^T`` and
   ``grad_P_h = sum_j x[h, j]^T A[h, j]`` (= ``sum_t xr[h,t]^T dY[h,t]``), x read in place.
 
+Resampling rows shared by the batch (``ptr [Ts+1]``) or per example (a batched Resample:
+``ptr [B, Ts+1]``, ``t_ptr [B, Tt+1]``, offsets into the concatenated entries): the
+kernels read example b's row pointers at ``ptr + b * ptr_stride`` (stride 0 or Ts+1).
+The loss's optional ``mask [B, Ts]`` (bool/uint8): a masked row gets no entries (no
+teacher step read), no loss term and G = 0; the means divide by the valid rows' count,
+a device tensor (no sync).
+
 Matrix products are ``tl.dot`` with fp32 accumulation: fp32 operands ("ieee") for float32
 kv, half operands (kv's type) for bf16/fp16 kv; float64 uses a broadcast multiply-and-sum
 (``tl.dot`` has no float64 on older Triton GPU backends), a correctness path. Head dims
@@ -87,7 +94,8 @@ class _Geometry:
         self.G = len(kv)
         self.B, self.Ht, self.Tt, self.Dt = kv[0].shape
         self.Hs = head_mix.shape[1]
-        self.Ts = ptr.numel() - 1
+        self.Ts = ptr.shape[-1] - 1
+        self.ptr_stride = self.Ts + 1 if ptr.dim() == 2 else 0
         self.Ds = dim_proj.shape[-1]
         self.per_head = dim_proj.dim() == 4
         self.mode = MODES.get(kv[0].dtype, "ieee")
@@ -185,7 +193,7 @@ def kv_project_fwd(
     mix = head_mix.contiguous()
     kv_project_fwd_kernel[(geo.chunks, geo.G)](
         table, kv[0], mix, dim_proj.contiguous(), mix if bias is None else bias.contiguous(),
-        ptr.contiguous(), idx.contiguous(), weight.contiguous(), out,
+        ptr.contiguous(), idx.contiguous(), weight.contiguous(), out, geo.ptr_stride,
         *geo.dims(), geo.chunks,
         PER_HEAD=geo.per_head,
         HAS_BIAS=bias is not None,
@@ -198,9 +206,10 @@ def kv_project_fwd(
     return out
 
 
-def _loss_count(geo: _Geometry, loss: str) -> int:
-    """N of a group's mean: every element (mse) or every row (cosine)."""
-    rows = geo.B * geo.Hs * geo.Ts
+def _loss_count(geo: _Geometry, loss: str, mask: torch.Tensor | None = None):
+    """N of a group's mean: every element (mse) or every row (cosine); with a mask, of the
+    valid rows only, as an int64 device tensor (no sync)."""
+    rows = geo.B * geo.Hs * geo.Ts if mask is None else mask.sum() * geo.Hs
     return rows * geo.Ds if loss == "mse" else rows
 
 
@@ -214,14 +223,18 @@ def kv_distill_loss_fwd(
     idx: torch.Tensor,
     weight: torch.Tensor,
     loss: str,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fastcore::kv_distill_loss: the per-group losses ``[G]`` (float32; float64 for
     float64 kv), each output tile recomputed and compared in registers; per-program
-    float64 partial sums, then ``torch.sum``. An empty cache gives 0."""
+    float64 partial sums, then ``torch.sum``. An empty cache gives 0. ``mask [B, Ts]``:
+    masked rows skipped, the mean over the valid ones (none: 0)."""
     geo = _Geometry(kv, head_mix, dim_proj, ptr)
-    count = _loss_count(geo, loss)
-    if count == 0:
+    if _loss_count(geo, loss) == 0:
         return torch.zeros(geo.G, dtype=geo.acc, device=kv[0].device)
+    count = _loss_count(geo, loss, mask)
+    if mask is not None:
+        count = count.clamp_min(1)  # no valid row: the partial sums are 0
     part = torch.empty((geo.G, geo.chunks), dtype=torch.float64, device=kv[0].device)
     kv, student = _contiguous(kv), _contiguous(student)
     kv_table, kv_aligned = _address_table(kv)
@@ -230,11 +243,13 @@ def kv_distill_loss_fwd(
     kv_distill_loss_fwd_kernel[(geo.chunks, geo.G)](
         kv_table, kv[0], st_table, student[0], mix, dim_proj.contiguous(),
         mix if bias is None else bias.contiguous(),
-        ptr.contiguous(), idx.contiguous(), weight.contiguous(), part,
+        ptr.contiguous(), idx.contiguous(), weight.contiguous(), part, geo.ptr_stride,
+        part if mask is None else mask.contiguous(),
         *geo.dims(), geo.chunks,
         LOSS=LOSS_CODES[loss],
         PER_HEAD=geo.per_head,
         HAS_BIAS=bias is not None,
+        HAS_MASK=mask is not None,
         ALIGNED=kv_aligned and st_aligned,
         BLOCK_S=geo.block_s,
         BLOCK_T=geo.block_t,
@@ -260,6 +275,7 @@ def kv_project_bwd(
     student: list[torch.Tensor] | None = None,
     loss_grad: torch.Tensor | None = None,
     loss: str = "",
+    mask: torch.Tensor | None = None,
 ) -> tuple[
     list[torch.Tensor] | None,
     torch.Tensor,
@@ -268,7 +284,8 @@ def kv_project_bwd(
     list[torch.Tensor] | None,
 ]:
     """The backward of kv_project (``grad_out [G, B, Hs, Ts, Ds]``) or of kv_distill_loss
-    (``grad_out`` None; ``student`` groups, ``loss_grad [G]``, ``loss`` "mse"/"cosine").
+    (``grad_out`` None; ``student`` groups, ``loss_grad [G]``, ``loss`` "mse"/"cosine",
+    the loss's ``mask [B, Ts]`` or None).
 
     Returns ``(grad_kv, grad_head_mix, grad_dim_proj, grad_bias, grad_student)``: grad_kv G
     tensors in kv's dtype when ``need_kv`` else None; parameter gradients in float32
@@ -303,9 +320,11 @@ def kv_project_bwd(
         gst_table, gst_aligned = _address_table(grad_student)
         aligned = aligned and st_aligned and gst_aligned
         st_first, gst_first = student[0], grad_student[0]
-        scale = (
-            loss_grad.to(device=device, dtype=acc) / max(_loss_count(geo, loss), 1)
-        ).contiguous()
+        if mask is None:
+            count = max(_loss_count(geo, loss), 1)
+        else:
+            count = _loss_count(geo, loss, mask).clamp_min(1).to(acc)
+        scale = (loss_grad.to(device=device, dtype=acc) / count).contiguous()
         go = gm_part
     else:
         st_table, st_first, scale = kv_table, kv[0], gm_part
@@ -314,15 +333,18 @@ def kv_project_bwd(
     mix = head_mix.contiguous()
     proj = dim_proj.contiguous()
     w = weight.contiguous()
+    has_mask = code != 0 and mask is not None
     kv_project_bwd_kernel[(chunks, G)](
         kv_table, kv[0], st_table, st_first, go, scale, mix, proj,
         mix if bias is None else bias.contiguous(),
         ptr.contiguous(), idx.contiguous(), w, gst_table, gst_first,
-        mid, gm_part, gp_part, gb_part,
+        mid, gm_part, gp_part, gb_part, geo.ptr_stride,
+        gm_part if mask is None else mask.contiguous(),
         *geo.dims(), chunks,
         LOSS=code,
         PER_HEAD=geo.per_head,
         HAS_BIAS=bias is not None,
+        HAS_MASK=has_mask,
         NEED_MID=need_mid,
         ALIGNED=aligned,
         BLOCK_S=geo.block_s,
@@ -339,6 +361,7 @@ def kv_project_bwd(
         aligned = aligned and gkv_aligned
         gkv_first = grad_kv[0]
     t_ptr, t_col, t_edge = t_ptr.contiguous(), t_col.contiguous(), t_edge.contiguous()
+    t_stride = Tt + 1 if t_ptr.dim() == 2 else 0
     if geo.per_head:
         # [BLOCK_J, Dt | Ds] tiles; tl.dot rows (and reduction): BLOCK_J >= 16.
         block_j = geo._rows(max(geo.block_k, geo.block_ds), Tt, 16)
@@ -347,9 +370,10 @@ def kv_project_bwd(
         if gp_part.numel():
             kv_project_bwd_proj_kernel[(chunks_j, Ht, G)](
                 kv_table, kv[0], mid, proj, w, t_ptr, t_col, t_edge, gkv_table, gkv_first,
-                gp_part,
+                gp_part, t_stride, gp_part if not has_mask else mask.contiguous(),
                 B, Ht, Tt, Dt, Ts, Ds, chunks_j,
                 NEED_KV=need_kv,
+                HAS_MASK=has_mask,
                 ALIGNED=aligned,
                 BLOCK_J=block_j,
                 num_warps=8,
@@ -359,7 +383,7 @@ def kv_project_bwd(
         block_j = geo._rows(geo.block_s * geo.block_dt, Tt, 1)
         chunks_j = chunks_for(B * triton.cdiv(Tt, block_j), G)
         kv_project_bwd_kv_kernel[(chunks_j, G)](
-            mid, mix, w, t_ptr, t_col, t_edge, gkv_table, gkv_first,
+            mid, mix, w, t_ptr, t_col, t_edge, gkv_table, gkv_first, t_stride,
             B, Ht, Tt, Dt, Hs, Ts, chunks_j,
             ALIGNED=aligned,
             MODE=geo.mode,

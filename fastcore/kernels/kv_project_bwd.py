@@ -16,6 +16,7 @@ from fastcore.kernels._kv_tiles import (
     head_projection,
     k_cols,
     lanes,
+    live_rows,
     load_proj,
     mix_column,
     mm,
@@ -47,6 +48,8 @@ def kv_project_bwd_kernel(
     gm_part,
     gp_part,
     gb_part,
+    ptr_stride,
+    mask_ptr,
     B,
     Ht,
     Tt,
@@ -58,6 +61,7 @@ def kv_project_bwd_kernel(
     LOSS: tl.constexpr,
     PER_HEAD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     NEED_MID: tl.constexpr,
     ALIGNED: tl.constexpr,
     MODE: tl.constexpr,
@@ -79,6 +83,9 @@ def kv_project_bwd_kernel(
     * ``gb_part[g, c] [Hs, Ds]``: ``sum_t G``;
     * ``mid`` (every element of its tiles): shared ``dZ [G, B, Hs, Ts, Dt]`` when NEED_MID;
       per head ``dY[h] = sum_s M[s,h] G[s]`` ``[G, B, Ht, Ts, Ds]``, always.
+
+    HAS_MASK (a loss only): rows the mask ``[B, Ts]`` marks 0 read no teacher step and get
+    G = 0 (and a zero student gradient, stored like every other row).
     """
     acc_dtype = tl.float64 if MODE == "fp64" else tl.float32
     s, s_mask, ecol, ds_mask = lanes(Hs, Ds, BLOCK_S, BLOCK_DS)
@@ -99,8 +106,9 @@ def kv_project_bwd_kernel(
     gp3 = tl.zeros([BLOCK_K, BLOCK_DS], dtype=acc_dtype)
     for item in range(lo, hi):
         b, t, t_mask, src, w, length, steps = tile_rows(
-            item, tiles, ptr_ptr, idx_ptr, w_ptr, Ts, BLOCK_T
+            item, tiles, ptr_ptr, ptr_stride, idx_ptr, w_ptr, Ts, BLOCK_T
         )
+        live, length, steps = live_rows(mask_ptr, b, t, t_mask, length, steps, Ts, HAS_MASK)
         x_b = x_g + b * Ht * Tt * Dt
         # rows_bst: rows [b, s, t] of a [.., B, Hs, Ts, *] tensor, from group g's start.
         rows_bst, valid, row_valid = out_tile(b, t, t_mask, s, s_mask, ds_mask, Hs, Ts)
@@ -113,8 +121,9 @@ def kv_project_bwd_kernel(
                 x_b, mix_g, proj_g, bias_g, src, w, length, steps, Ht, Tt, Dt, Hs, Ds,
                 PER_HEAD, HAS_BIAS, MODE, BLOCK_S, BLOCK_T, BLOCK_K, NUM_K, BLOCK_DS,
             )  # fmt: skip
-            st = tl.load(st_g + tile_offs, mask=valid, other=0.0).to(acc_dtype)
-            gt, gs = distill_grad(o, st, valid, scale, LOSS)
+            used = valid & live[None, :, None]
+            st = tl.load(st_g + tile_offs, mask=used, other=0.0).to(acc_dtype)
+            gt, gs = distill_grad(o, st, used, scale, LOSS)
             tl.store(gst_g + tile_offs, gs.to(gst_ptr.dtype.element_ty), mask=valid)
         if HAS_BIAS:
             gb += tl.sum(gt, axis=1)
@@ -187,6 +196,7 @@ def kv_project_bwd_kv_kernel(
     t_edge_ptr,
     gkv_table,
     gkv_ptr,
+    t_stride,
     B,
     Ht,
     Tt,
@@ -216,7 +226,7 @@ def kv_project_bwd_kv_kernel(
     gkv_g = group_ptr(gkv_table, g, gkv_ptr, ALIGNED)
     for item in range(lo, hi):
         b, j, j_mask, col, edge, length, steps = tile_rows(
-            item, tiles, t_ptr_ptr, t_col_ptr, t_edge_ptr, Tt, BLOCK_J
+            item, tiles, t_ptr_ptr, t_stride, t_col_ptr, t_edge_ptr, Tt, BLOCK_J
         )
         mid_b = mid_ptr + (g * B + b) * Hs * Ts * Dt
         a = tl.zeros([BLOCK_S, BLOCK_J, BLOCK_DT], dtype=acc_dtype)
@@ -256,6 +266,8 @@ def kv_project_bwd_proj_kernel(
     gkv_table,
     gkv_ptr,
     gp_part,
+    t_stride,
+    mask_ptr,
     B,
     Ht,
     Tt,
@@ -264,6 +276,7 @@ def kv_project_bwd_proj_kernel(
     Ds,
     chunks,
     NEED_KV: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     ALIGNED: tl.constexpr,
     MODE: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -275,7 +288,9 @@ def kv_project_bwd_proj_kernel(
     ``A[j] = sum_{k in row j} w[t_edge[k]] dY[g, b, h, t_col[k]]`` (transposed rows, fixed
     order), then ``grad_kv[g, b, h, j] = A[j] @ P[g,h]^T`` (NEED_KV) and
     ``gp_part[g, c, h] += x[g][b, h, j]^T A[j]`` (x read in place, no gather), one
-    accumulator per Dt chunk, stored once."""
+    accumulator per Dt chunk, stored once. HAS_MASK (a loss's mask ``[B, Ts]``): entries of
+    masked student rows are skipped, and a teacher step no valid row reads is not read
+    (its x never meets the zero A: a NaN there goes nowhere)."""
     acc_dtype = tl.float64 if MODE == "fp64" else tl.float32
     h = tl.program_id(1).to(tl.int64)
     g = tl.program_id(2).to(tl.int64)
@@ -292,14 +307,18 @@ def kv_project_bwd_proj_kernel(
     gp3 = tl.zeros([BLOCK_K, BLOCK_DS], dtype=acc_dtype)
     for item in range(lo, hi):
         b, j, j_mask, col, edge, length, steps = tile_rows(
-            item, tiles, t_ptr_ptr, t_col_ptr, t_edge_ptr, Tt, BLOCK_J
+            item, tiles, t_ptr_ptr, t_stride, t_col_ptr, t_edge_ptr, Tt, BLOCK_J
         )
         mid_bh = mid_ptr + ((g * B + b) * Ht + h) * Ts * Ds
         a = tl.zeros([BLOCK_J, BLOCK_DS], dtype=acc_dtype)
+        used = tl.zeros([BLOCK_J, 1], dtype=tl.int1)
         # [BLOCK_J, 1] columns: see resample() in _kv_tiles (Triton 3.6 layouts).
         for i in range(0, steps):
             live = (i < length)[:, None]
             step = tl.load((col + i)[:, None], mask=live, other=0)
+            if HAS_MASK:
+                live = live & (tl.load(mask_ptr + b * Ts + step, mask=live, other=0) != 0)
+                used = used | live
             e = tl.load((edge + i)[:, None], mask=live, other=0)
             wi = tl.load(w_ptr + e, mask=live, other=0.0).to(acc_dtype)
             values = tl.load(
@@ -320,7 +339,10 @@ def kv_project_bwd_proj_kernel(
                     gk.to(gkv_ptr.dtype.element_ty),
                     mask=rows_mask,
                 )
-            x = tl.load(x_bh + rows, mask=rows_mask, other=0.0).to(acc_dtype)
+            if HAS_MASK:
+                x = tl.load(x_bh + rows, mask=rows_mask & used, other=0.0).to(acc_dtype)
+            else:
+                x = tl.load(x_bh + rows, mask=rows_mask, other=0.0).to(acc_dtype)
             d = tl.zeros([BLOCK_K, BLOCK_DS], dtype=acc_dtype)
             d = mm(d, tl.trans(x), a, MODE)
             gp0, gp1, gp2, gp3 = add_chunk(kc, d, gp0, gp1, gp2, gp3)

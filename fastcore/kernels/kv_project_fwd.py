@@ -13,6 +13,7 @@ from fastcore.kernels._kv_tiles import (
     group_ptr,
     group_setup,
     lanes,
+    live_rows,
     out_tile,
     project_tile,
     tile_rows,
@@ -30,6 +31,7 @@ def kv_project_fwd_kernel(
     idx_ptr,
     w_ptr,
     out_ptr,
+    ptr_stride,
     B,
     Ht,
     Tt,
@@ -60,7 +62,7 @@ def kv_project_fwd_kernel(
     out_g = out_ptr + g * B * Hs * Ts * Ds
     for item in range(lo, hi):
         b, t, t_mask, src, w, length, steps = tile_rows(
-            item, tiles, ptr_ptr, idx_ptr, w_ptr, Ts, BLOCK_T
+            item, tiles, ptr_ptr, ptr_stride, idx_ptr, w_ptr, Ts, BLOCK_T
         )
         o = project_tile(
             x_g + b * Ht * Tt * Dt, mix_g, proj_g, bias_g, src, w, length, steps,
@@ -85,6 +87,8 @@ def kv_distill_loss_fwd_kernel(
     idx_ptr,
     w_ptr,
     part_ptr,
+    ptr_stride,
+    mask_ptr,
     B,
     Ht,
     Tt,
@@ -96,6 +100,7 @@ def kv_distill_loss_fwd_kernel(
     LOSS: tl.constexpr,
     PER_HEAD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     ALIGNED: tl.constexpr,
     MODE: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -106,7 +111,8 @@ def kv_distill_loss_fwd_kernel(
 ):
     """``part[g, c]`` = the sum of group g's loss terms (LOSS 1: squared errors, 2:
     ``1 - cos`` per row) over the work items of chunk c, in float64: each output tile is
-    recomputed in registers and compared with the student tile, never stored."""
+    recomputed in registers and compared with the student tile, never stored. HAS_MASK:
+    rows the mask ``[B, Ts]`` marks 0 are skipped (no teacher step read, no term)."""
     s, s_mask, ecol, ds_mask = lanes(Hs, Ds, BLOCK_S, BLOCK_DS)
     g, x_g, mix_g, proj_g, bias_g = group_setup(
         kv_table, kv_ptr, mix_ptr, proj_ptr, bias_ptr, Ht, Dt, Hs, Ds, PER_HEAD, ALIGNED
@@ -117,14 +123,15 @@ def kv_distill_loss_fwd_kernel(
     total = tl.zeros([1], dtype=tl.float64)
     for item in range(lo, hi):
         b, t, t_mask, src, w, length, steps = tile_rows(
-            item, tiles, ptr_ptr, idx_ptr, w_ptr, Ts, BLOCK_T
+            item, tiles, ptr_ptr, ptr_stride, idx_ptr, w_ptr, Ts, BLOCK_T
         )
+        live, length, steps = live_rows(mask_ptr, b, t, t_mask, length, steps, Ts, HAS_MASK)
         o = project_tile(
             x_g + b * Ht * Tt * Dt, mix_g, proj_g, bias_g, src, w, length, steps,
             Ht, Tt, Dt, Hs, Ds,
             PER_HEAD, HAS_BIAS, MODE, BLOCK_S, BLOCK_T, BLOCK_K, NUM_K, BLOCK_DS,
         )  # fmt: skip
-        rows, valid, row_valid = out_tile(b, t, t_mask, s, s_mask, ds_mask, Hs, Ts)
+        rows, valid, row_valid = out_tile(b, t, live, s, s_mask, ds_mask, Hs, Ts)
         st = tl.load(st_g + rows * Ds + ecol[None, None, :], mask=valid, other=0.0)
         st = st.to(acc_dtype)
         total += distill_sum(o, st, valid, row_valid, LOSS).to(tl.float64)

@@ -125,6 +125,75 @@ def uniform_layer_map(teacher_layers: int, student_layers: int) -> list[int]:
     return [round(i * (lt - 1) / (ls - 1)) for i in range(ls)]
 
 
+# --- layer types (sliding-window attention)
+
+FULL = "full_attention"
+_WINDOWED = ("sliding_attention", "chunked_attention", "hybrid_sliding")
+
+
+def layer_types(config: Any, what: str = "config") -> tuple[str, ...]:
+    """The attention type of every layer of a transformers config, as transformers' caches
+    read it: ``config.layer_types`` when set (Gemma-2/3, Qwen2 with ``use_sliding_window``,
+    Ministral...), otherwise ``"sliding_attention"`` for every layer when the config sets a
+    ``sliding_window`` (Mistral-style: all layers windowed), ``"chunked_attention"`` for an
+    ``attention_chunk_size``, else ``"full_attention"``. A multimodal config's text decoder
+    is read. A windowed layer's cache keeps only the last ``window - 1`` steps once the
+    sequence is longer than its window (``DynamicSlidingWindowLayer``).
+    """
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):
+        try:
+            config = get_text(decoder=True)
+        except TypeError:
+            config = get_text()
+    layers = _positive(getattr(config, "num_hidden_layers", None), "num_hidden_layers", what)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        types = tuple(str(t) for t in types)
+        if len(types) != layers:
+            raise ValueError(
+                f"{what}: layer_types has {len(types)} entries for {layers} layers "
+                "(num_hidden_layers)"
+            )
+        return types
+    if getattr(config, "sliding_window", None) is not None:
+        return ("sliding_attention",) * layers
+    if getattr(config, "attention_chunk_size", None) is not None:
+        return ("chunked_attention",) * layers
+    return (FULL,) * layers
+
+
+def is_windowed(layer_type: str) -> bool:
+    """True for a layer type whose cache may drop old steps (sliding or chunked attention)."""
+    return layer_type in _WINDOWED
+
+
+def default_layer_map(
+    teacher_layers: int, student_layers: int, teacher_layer_types: Sequence[str] | None = None
+) -> list[int]:
+    """The default layer map: :func:`uniform_layer_map`, except that when the teacher mixes
+    full-attention and windowed layers (Gemma-2/3, Qwen2 with ``max_window_layers``) every
+    student layer takes the full-attention teacher layer nearest to its uniform position
+    (the deeper one on a tie): a full layer's cache holds every step, a windowed one only the
+    last ``window - 1``. When every teacher layer is windowed (Mistral-style) the uniform
+    map stays; the losses then compare only the steps inside the window
+    (:meth:`KVProjector.distill_loss`).
+
+    Examples:
+        >>> default_layer_map(6, 3)
+        [0, 2, 5]
+        >>> default_layer_map(6, 3, ("sliding_attention", "full_attention") * 3)
+        [1, 3, 5]
+    """
+    uniform = uniform_layer_map(teacher_layers, student_layers)
+    if teacher_layer_types is None:
+        return uniform
+    full = [i for i, t in enumerate(teacher_layer_types) if not is_windowed(t)]
+    if not full or len(full) == teacher_layers:
+        return uniform
+    return [min(full, key=lambda f, u=u: (abs(f - u), -f)) for u in uniform]
+
+
 # --- caches
 
 
@@ -172,7 +241,9 @@ def to_dynamic_cache(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], config:
     """A transformers ``DynamicCache`` holding ``pairs`` (one ``(k, v)`` per layer, each
     ``[B, H, T, D]``), e.g. a projected cache to hand to the student's forward as
     ``past_key_values`` / ``cache``. The tensors are copied into the cache (``DynamicLayer``
-    concatenates), staying differentiable.
+    concatenates), staying differentiable. With a transformers ``config`` the cache has the
+    model's layer types: a sliding-window layer keeps the last ``window - 1`` steps, as the
+    model's own cache would.
 
     Raises:
         ImportError: transformers is not installed.
@@ -180,6 +251,8 @@ def to_dynamic_cache(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], config:
     from transformers import DynamicCache
 
     pairs = [(k, v) for k, v in pairs]
+    if not callable(getattr(config, "get_text_config", None)):
+        config = None  # a look-alike config (sizes only): plain full-attention layers
     from_legacy = getattr(DynamicCache, "from_legacy_cache", None)
     if from_legacy is not None and config is None:
         return from_legacy(tuple(pairs))
@@ -210,8 +283,39 @@ def _resample(resample: Resample | int | None, steps: int, device: torch.device,
     return _linear(steps, resample, torch.device(device))
 
 
-def _out_steps(resample: Resample | None, steps: int) -> int:
-    return steps if resample is None else resample.num_dst
+def _bool_mask(mask: Any, name: str, batch: int, steps: int, device: torch.device, what: str):
+    """A ``[B, T]`` validity mask (bool, or any dtype: nonzero = valid) as bool on ``device``."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"{what}: {name} must be a tensor [B, T] or None, got {type(mask).__name__}"
+        )
+    if mask.is_complex():
+        raise TypeError(f"{what}: {name} must be bool, integer or float, got {mask.dtype}")
+    if tuple(mask.shape) != (batch, steps):
+        raise ValueError(
+            f"{what}: {name} has shape {tuple(mask.shape)}, expected [B, T] = [{batch}, {steps}]"
+        )
+    return (mask != 0).to(device)
+
+
+def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+def _after(steps: int, start: int, device: torch.device) -> torch.Tensor:
+    """``[steps]`` bool: True from ``start`` on (the steps a right-aligned window holds)."""
+    return torch.arange(steps, device=device) >= start
+
+
+def _pad_left(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """``x [B, H, T, D]`` with zeros prepended along T up to ``steps`` (a windowed layer's
+    cache holds the last T steps of the sequence)."""
+    missing = steps - x.shape[2]
+    return x if missing == 0 else torch.nn.functional.pad(x, (0, 0, missing, 0))
 
 
 # --- the projector
@@ -231,10 +335,18 @@ class KVProjector(nn.Module):
             ``num_key_value_heads``, not its attention heads).
         student_layers, student_kv_heads, student_head_dim: Ls, Hs, Ds.
         layer_map: Ls teacher layer indices (student layer i <- teacher layer
-            ``layer_map[i]``); default :func:`uniform_layer_map`.
+            ``layer_map[i]``); default :func:`default_layer_map` (uniform, onto the
+            teacher's full-attention layers when it has sliding-window ones).
         per_head_proj: one ``[Dt, Ds]`` projection per teacher head instead of a shared one.
         bias: learn a ``[Hs, Ds]`` bias per group (initialised to zeros).
         device, dtype: of the parameters.
+        teacher_layer_types, student_layer_types: the attention type of every layer
+            (:func:`layer_types`; ``from_configs`` reads them). A windowed layer's cache may
+            hold only the last ``window - 1`` steps; without types every layer is taken as
+            full attention.
+        student_config: the student's transformers config (``from_configs`` keeps it), used
+            to build the ``DynamicCache`` that :meth:`forward` returns (sliding layers
+            cropped to their window as the student's own cache would be).
 
     Parameters:
         ``head_mix [2*Ls, Hs, Ht]`` (init :func:`overlap_head_mix`: the GQA group average
@@ -259,6 +371,9 @@ class KVProjector(nn.Module):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        teacher_layer_types: Sequence[str] | None = None,
+        student_layer_types: Sequence[str] | None = None,
+        student_config: Any = None,
     ) -> None:
         super().__init__()
         what = "KVProjector"
@@ -269,6 +384,9 @@ class KVProjector(nn.Module):
         self.student_kv_heads = _positive(student_kv_heads, "student_kv_heads", what)
         self.student_head_dim = _positive(student_head_dim, "student_head_dim", what)
         self.per_head_proj = bool(per_head_proj)
+        self.teacher_layer_types = self._check_types(teacher_layer_types, "teacher")
+        self.student_layer_types = self._check_types(student_layer_types, "student")
+        self.student_config = student_config
         self.layer_map = self._check_layer_map(layer_map)
         groups, ht, hs = 2 * self.student_layers, self.teacher_kv_heads, self.student_kv_heads
         dt, ds = self.teacher_head_dim, self.student_head_dim
@@ -288,16 +406,39 @@ class KVProjector(nn.Module):
         **kwargs: Any,
     ) -> KVProjector:
         """Sizes read from two transformers configs (see :func:`kv_geometry`: KV heads are
-        ``num_key_value_heads``, falling back to ``num_attention_heads`` only when absent);
-        ``kwargs`` go to the constructor (``per_head_proj``, ``bias``, ``device``, ``dtype``)."""
+        ``num_key_value_heads``, falling back to ``num_attention_heads`` only when absent),
+        and their layer types (:func:`layer_types`: sliding-window layers are mapped around
+        and windowed caches aligned); ``kwargs`` go to the constructor (``per_head_proj``,
+        ``bias``, ``device``, ``dtype``)."""
         teacher = kv_geometry(teacher_config, "KVProjector.from_configs: teacher_config")
         student = kv_geometry(student_config, "KVProjector.from_configs: student_config")
+        kwargs.setdefault(
+            "teacher_layer_types", layer_types(teacher_config, "from_configs: teacher_config")
+        )
+        kwargs.setdefault(
+            "student_layer_types", layer_types(student_config, "from_configs: student_config")
+        )
+        kwargs.setdefault("student_config", student_config)
         return cls(*teacher, *student, layer_map=layer_map, **kwargs)
+
+    def _check_types(self, types: Sequence[str] | None, role: str) -> tuple[str, ...] | None:
+        if types is None:
+            return None
+        if isinstance(types, str):
+            raise TypeError(f"KVProjector: {role}_layer_types must be a sequence of str, got a str")
+        types = tuple(types)
+        layers = self.teacher_layers if role == "teacher" else self.student_layers
+        if len(types) != layers or not all(isinstance(t, str) for t in types):
+            raise ValueError(
+                f"KVProjector: {role}_layer_types must hold one str per {role} layer ({layers}), "
+                f"got {list(types)!r}"
+            )
+        return types
 
     def _check_layer_map(self, layer_map: Sequence[int] | None) -> tuple[int, ...]:
         lt, ls = self.teacher_layers, self.student_layers
         if layer_map is None:
-            return tuple(uniform_layer_map(lt, ls))
+            return tuple(default_layer_map(lt, ls, self.teacher_layer_types))
         if isinstance(layer_map, torch.Tensor):
             layer_map = layer_map.tolist()
         layer_map = list(layer_map)
@@ -338,11 +479,17 @@ class KVProjector(nn.Module):
             f"bias={self.bias is not None}"
         )
 
+    def _windowed(self, role: str, layer: int) -> bool:
+        types = self.teacher_layer_types if role == "teacher" else self.student_layer_types
+        return types is not None and is_windowed(types[layer])
+
     # --- cache checks
 
     def teacher_groups(self, teacher_cache: Any) -> list[torch.Tensor]:
-        """The ``2 * Ls`` teacher tensors ``[B, Ht, Tt, Dt]`` the groups read (K and V of
-        ``layer_map[i]`` for each student layer i), checked against the projector's sizes."""
+        """The ``2 * Ls`` teacher tensors ``[B, Ht, T, Dt]`` the groups read (K and V of
+        ``layer_map[i]`` for each student layer i), checked against the projector's sizes.
+        Every group has the same batch; only a windowed layer (``teacher_layer_types``) may
+        be shorter than the others (it holds the last steps)."""
         what = "KVProjector: teacher cache"
         pairs = cache_pairs(teacher_cache, what)
         if len(pairs) != self.teacher_layers:
@@ -357,12 +504,16 @@ class KVProjector(nn.Module):
                 self._check_tensor(x, f"{what} layer {t} {kind}", "teacher", "Ht", "Dt")
                 if first is None:
                     first = (x.shape[0], x.shape[2], t, kind)
-                elif (x.shape[0], x.shape[2]) != first[:2]:
+                elif x.shape[0] != first[0] or (
+                    x.shape[2] != first[1]
+                    and not (self._windowed("teacher", t) or self._windowed("teacher", first[2]))
+                ):
                     raise ValueError(
                         f"{what}: layer {t} {kind} is [B={x.shape[0]}, T={x.shape[2]}] but "
                         f"layer {first[2]} {first[3]} is [B={first[0]}, T={first[1]}]; every "
-                        "mapped layer must have the same batch and length (sliding-window "
-                        "layers that dropped steps cannot be projected together)"
+                        "mapped layer must have the same batch and length (a sliding-window "
+                        "layer may be shorter only when the projector knows the layer types: "
+                        "build it with from_configs or teacher_layer_types)"
                     )
                 groups.append(x)
         return groups
@@ -408,26 +559,41 @@ class KVProjector(nn.Module):
 
     # --- projection
 
+    def _project_groups(self, groups: list[torch.Tensor], resample: Resample | int | None):
+        """``(out [2*Ls, B, Hs, Ts, Ds], the Resample or None, Tt)``: windowed groups
+        zero-padded on the left to the full teacher length Tt first."""
+        steps = (
+            resample.num_src if isinstance(resample, Resample) else max(g.shape[2] for g in groups)
+        )
+        groups = [_pad_left(g, steps) if g.shape[2] < steps else g for g in groups]
+        resample = _resample(resample, steps, groups[0].device, "KVProjector")
+        out = kv_project(groups, self.head_mix, self.dim_proj, resample, self.bias)
+        return out, resample, steps
+
     def project(self, teacher_cache: Any, resample: Resample | int | None = None) -> torch.Tensor:
         """The projected cache as one tensor ``[2*Ls, B, Hs, Ts, Ds]`` (groups layer0.K,
-        layer0.V, ...): one :func:`fastcore.ops.kv_project` call."""
-        groups = self.teacher_groups(teacher_cache)
-        resample = _resample(resample, groups[0].shape[2], groups[0].device, "KVProjector")
-        return kv_project(groups, self.head_mix, self.dim_proj, resample, self.bias)
+        layer0.V, ...): one :func:`fastcore.ops.kv_project` call. A windowed teacher layer
+        holding only the last steps is read as zeros before its window."""
+        return self._project_groups(self.teacher_groups(teacher_cache), resample)[0]
 
-    def forward(self, teacher_cache: Any, resample: Resample | int | None = None) -> KVPairs:
-        """Project ``teacher_cache`` (a ``DynamicCache`` or ``(k, v)`` pairs, Lt layers of
-        ``[B, Ht, Tt, Dt]``) onto the student: Ls pairs ``(k, v)`` of ``[B, Hs, Ts, Ds]``,
-        views of one output tensor.
+    def forward(self, teacher_cache: Any, resample: Resample | int | None = None) -> Any:
+        """Project ``teacher_cache`` (Lt layers of ``[B, Ht, Tt, Dt]``) onto the student:
+        Ls layers of ``[B, Hs, Ts, Ds]``, in the type it came in: a ``DynamicCache`` gives
+        a ``DynamicCache`` (built with the student's config when the projector has it, so
+        sliding-window layers keep their window, ready as the student's
+        ``past_key_values``), a list gives a list of ``(k, v)`` tuples, a tuple a tuple. The
+        tensors are views of one output tensor (copied into a DynamicCache).
 
         Args:
-            resample: a :class:`fastcore.Resample` over Tt steps, an int target length Ts
-                (``Resample.linear(Tt, Ts)``, built once per length and cached), or None
+            resample: a :class:`fastcore.Resample` over Tt steps (shared, or one per example
+                from ``Resample.from_offsets`` / ``Resample.stack``), an int target length
+                Ts (``Resample.linear(Tt, Ts)``, built once per length and cached), or None
                 (Ts = Tt). Under ``torch.compile(fullgraph=True)`` pass a prebuilt Resample
                 (or None): building one validates its rows on the host.
         """
         out = self.project(teacher_cache, resample)
-        return [(out[2 * i], out[2 * i + 1]) for i in range(self.student_layers)]
+        pairs = [(out[2 * i], out[2 * i + 1]) for i in range(self.student_layers)]
+        return _cache_like(teacher_cache, pairs, self.student_config)
 
     def distill_loss(
         self,
@@ -436,62 +602,179 @@ class KVProjector(nn.Module):
         resample: Resample | int | None = None,
         loss: str = "mse",
         reduction: str = "sum",
+        *,
+        teacher_mask: torch.Tensor | None = None,
+        student_mask: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The fused :func:`fastcore.ops.kv_distill_loss` between the projected teacher cache
         and ``student_cache`` (same formats; Ls layers of ``[B, Hs, Ts, Ds]``) over all
         ``2 * Ls`` groups, never materialising the projection.
 
-        Per group: ``"mse"`` (mean over elements) or ``"cosine"`` (mean ``1 - cos`` along
-        Ds); ``reduction``: ``"sum"`` over groups (the sum over layers and K/V),
-        ``"mean"``, or ``"none"`` (``[2*Ls]``). Differentiable in the projector's
-        parameters and the student cache (and the teacher cache when it requires grad).
+        Per group: ``"mse"`` (mean over the valid positions' elements) or ``"cosine"``
+        (mean ``1 - cos`` along Ds over valid positions and heads); ``reduction``:
+        ``"sum"`` over groups (the sum over layers and K/V), ``"mean"``, or ``"none"``
+        (``[2*Ls]``). Differentiable in the projector's parameters and the student cache
+        (and the teacher cache when it requires grad).
+
+        Masks (``[B, T]``, bool or 0/1 like transformers' ``attention_mask``; nonzero =
+        a real token):
+
+        * ``teacher_mask [B, Tt]``: a student position is compared only when every teacher
+          step its resampling row reads is a real token (without a resample: position t
+          reads teacher step t);
+        * ``student_mask [B, Ts]``: padded student positions are not compared;
+        * ``mask [B, Ts]``: any further validity mask over the student positions (after
+          resampling).
+
+        A masked position contributes nothing to the loss or to any gradient (whatever
+        its values, NaN included), and the means run over the valid positions only. A
+        per-example Resample (``Resample.from_offsets`` on padded batches,
+        ``Resample.stack``) also masks its padded rows; an all-masked group gives 0.
+
+        Sliding-window layers (from ``from_configs`` / the ``*_layer_types`` arguments)
+        whose cache holds only the last ``window - 1`` steps are aligned on the right:
+        only the positions inside the window are compared.
 
         Raises:
-            ValueError: the caches do not fit the projector, or their lengths differ
-                without a ``resample`` to map one onto the other.
+            ValueError: the caches do not fit the projector, their lengths differ without
+                a ``resample`` to map one onto the other, or a mask of the wrong shape.
         """
+        what = "KVProjector.distill_loss"
         if loss not in LOSSES:
+            raise ValueError(f"{what}: loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if reduction not in ("sum", "mean", "none"):
             raise ValueError(
-                f"KVProjector.distill_loss: loss must be one of {', '.join(LOSSES)}, got {loss!r}"
+                f"{what}: reduction must be 'sum', 'mean' or 'none', got {reduction!r}"
             )
         teacher = self.teacher_groups(teacher_cache)
         student = self.student_groups(student_cache)
-        self._check_student_fits(teacher[0], student[0], resample)
-        resample = _resample(resample, teacher[0].shape[2], teacher[0].device, "KVProjector")
-        return kv_distill_loss(
-            teacher, student, self.head_mix, self.dim_proj, resample, self.bias, loss, reduction
+        resample, tt, ts = self._lengths(
+            teacher, student, resample, teacher_mask, student_mask, mask
         )
+        b, device = teacher[0].shape[0], teacher[0].device
+        tmask = _bool_mask(teacher_mask, "teacher_mask", b, tt, device, what)
+        smask = _and(
+            _bool_mask(student_mask, "student_mask", b, ts, device, what),
+            _bool_mask(mask, "mask", b, ts, device, what),
+        )
+        classes: dict[tuple[int, int], list[int]] = {}
+        for g, (t, s) in enumerate(zip(teacher, student, strict=True)):
+            classes.setdefault((tt - t.shape[2], ts - s.shape[2]), []).append(g)
+        parts, order = [], []
+        for (t_pad, s_pad), groups in classes.items():
+            valid = _and(
+                self._rows_valid(resample, tmask, t_pad, tt, b, device),
+                _and(smask, _after(ts, s_pad, device).expand(b, ts) if s_pad else None),
+            )
+            if valid is not None and valid.dim() == 1:
+                valid = valid.expand(b, ts)
+            t_groups = [_pad_left(teacher[g], tt) for g in groups]
+            s_groups = [_pad_left(student[g], ts) for g in groups]
+            if len(classes) == 1:
+                return kv_distill_loss(
+                    t_groups, s_groups, self.head_mix, self.dim_proj, resample, self.bias,
+                    loss, reduction, mask=valid,
+                )  # fmt: skip
+            bias = None if self.bias is None else self.bias[groups]
+            part = kv_distill_loss(
+                t_groups, s_groups, self.head_mix[groups], self.dim_proj[groups], resample,
+                bias, loss, "none", mask=valid,
+            )  # fmt: skip
+            parts.append(part)
+            order.extend(groups)
+        per_group = torch.cat(parts)[torch.tensor(order).argsort().to(parts[0].device)]
+        if reduction == "none":
+            return per_group
+        return per_group.sum() if reduction == "sum" else per_group.mean()
 
     @staticmethod
-    def _check_student_fits(teacher: torch.Tensor, student: torch.Tensor, resample: Any) -> None:
+    def _rows_valid(resample, tmask, t_pad: int, tt: int, b: int, device) -> torch.Tensor | None:
+        """Which student rows read only real teacher steps: ``[B, Ts]``, ``[Ts]`` or None
+        (all). ``t_pad``: the steps before a windowed teacher layer's window."""
+        if t_pad:
+            tmask = _and(tmask, _after(tt, t_pad, device).expand(b, tt))
+        if resample is None:
+            return tmask
+        if tmask is None and resample.batch_size is None:
+            return None  # a shared Resample: an empty row compares the student with the bias
+        return resample.valid_rows(tmask)
+
+    def _lengths(self, teacher, student, resample, teacher_mask, student_mask, mask):
+        """``(resample, Tt, Ts)``: the full teacher and student lengths (a windowed layer
+        holds the last steps of them), the int resample turned into a Resample; every group
+        checked against them."""
         what = "KVProjector.distill_loss"
-        if teacher.shape[0] != student.shape[0]:
+        if teacher[0].shape[0] != student[0].shape[0]:
             raise ValueError(
-                f"{what}: the teacher cache has batch {teacher.shape[0]} but the student "
-                f"cache {student.shape[0]}"
+                f"{what}: the teacher cache has batch {teacher[0].shape[0]} but the student "
+                f"cache {student[0].shape[0]}"
             )
-        tt, ts = teacher.shape[2], student.shape[2]
+        t_lens = [t.shape[2] for t in teacher]
+        s_lens = [s.shape[2] for s in student]
+        s_longest = max(s_lens)
+        for m in (student_mask, mask):
+            if isinstance(m, torch.Tensor) and m.dim() == 2:
+                s_longest = max(s_longest, m.shape[1])
         if isinstance(resample, Resample):
-            want = resample.num_dst
-        elif isinstance(resample, int) and not isinstance(resample, bool):
-            want = resample
-        else:
-            want = tt
-        if ts != want:
+            tt, ts = resample.num_src, resample.num_dst
+            how = f"the resample maps to {ts} steps"
+        elif resample is None:
+            tt = max(t_lens)
+            if isinstance(teacher_mask, torch.Tensor) and teacher_mask.dim() == 2:
+                tt = max(tt, teacher_mask.shape[1])
+            if self.teacher_layer_types is not None and all(
+                self._windowed("teacher", t) for t in self.layer_map
+            ):
+                tt = max(tt, s_longest)  # the same tokens: the windows end where the student's does
+            ts = tt
             how = (
                 "pass resample=<student length> or a fastcore.Resample (e.g. "
                 "Resample.from_offsets for different tokenizers)"
-                if resample is None
-                else f"the resample maps to {want} steps"
             )
-            raise ValueError(
-                f"{what}: the teacher cache has {tt} steps and the student cache {ts}; {how}"
-            )
+        else:
+            tt = max(t_lens)
+            if isinstance(teacher_mask, torch.Tensor) and teacher_mask.dim() == 2:
+                tt = max(tt, teacher_mask.shape[1])
+            resample = _resample(resample, tt, teacher[0].device, "KVProjector")
+            ts = resample.num_dst
+            how = f"the resample maps to {ts} steps"
+        for g, (t_len, s_len) in enumerate(zip(t_lens, s_lens, strict=True)):
+            layer, kind = self.layer_map[g // 2], "KV"[g % 2]
+            if t_len > tt or (t_len < tt and not self._windowed("teacher", layer)):
+                if isinstance(resample, Resample):
+                    raise ValueError(
+                        f"{what}: teacher layer {layer} {kind} has {t_len} steps but the "
+                        f"Resample reads {tt} source steps"
+                    )
+                raise ValueError(
+                    f"{what}: the teacher cache has {t_len} steps and the student cache "
+                    f"{s_longest}; {how}"
+                )
+            if s_len > ts or (s_len < ts and not self._windowed("student", g // 2)):
+                raise ValueError(
+                    f"{what}: the teacher cache has {t_len} steps and the student cache "
+                    f"{s_len}; {how}"
+                )
+        return resample, tt, ts
 
     def to_dynamic_cache(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], config=None):
         """Wrap projected ``(k, v)`` pairs into a transformers ``DynamicCache`` for the
-        student (:func:`to_dynamic_cache`)."""
+        student (:func:`to_dynamic_cache`; ``config`` defaults to the student config the
+        projector was built from)."""
+        return to_dynamic_cache(pairs, self.student_config if config is None else config)
+
+
+def _cache_like(like: Any, pairs: KVPairs, config: Any) -> Any:
+    """``pairs`` in the container type of ``like``: a DynamicCache-like object gives a
+    ``DynamicCache`` (built with ``config`` when given), a tuple a tuple, else a list."""
+    if isinstance(like, tuple):
+        return tuple(pairs)
+    if isinstance(like, list):
+        return list(pairs)
+    if hasattr(like, "layers") or hasattr(like, "key_cache"):
         return to_dynamic_cache(pairs, config)
+    return list(pairs)
 
 
 # --- several teachers
@@ -611,24 +894,20 @@ class MultiTeacherKVProjector(nn.Module):
             return list(resample)
         return [resample] * self.num_teachers
 
-    def project(
-        self,
-        caches: Sequence[Any],
-        resample: Any = None,
-        task: int | torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The fused cache as one tensor ``[2*Ls, B, Hs, Ts, Ds]``."""
+    def _project_all(self, caches: Sequence[Any], resample: Any, task: Any):
+        """``(fused [2*Ls, B, Hs, Ts, Ds], per teacher (groups, Resample or None, Tt))``."""
         if not isinstance(caches, (list, tuple)) or len(caches) != self.num_teachers:
             got = len(caches) if isinstance(caches, (list, tuple)) else type(caches).__name__
             raise ValueError(
                 f"MultiTeacherKVProjector: expected a list of {self.num_teachers} teacher "
                 f"caches, got {got}"
             )
-        outs = []
+        outs, info = [], []
         for n, (projector, cache, r) in enumerate(
             zip(self.projectors, caches, self._resamples(resample), strict=True)
         ):
-            out = projector.project(cache, r)  # [G, B, Hs, Ts, Ds]
+            groups = projector.teacher_groups(cache)
+            out, r, steps = projector._project_groups(groups, r)  # [G, B, Hs, Ts, Ds]
             if outs and out.shape != outs[0].shape:
                 raise ValueError(
                     f"MultiTeacherKVProjector: teacher {n} projects to {tuple(out.shape)} but "
@@ -636,25 +915,38 @@ class MultiTeacherKVProjector(nn.Module):
                     "different lengths need resample=Ts or one Resample per teacher"
                 )
             outs.append(out)
+            info.append(([g.shape[2] for g in groups], r, steps))
         stacked = torch.stack(outs)  # [N, G, B, Hs, Ts, Ds]
         weights = self.fusion_weights(task).to(stacked.dtype)
         if weights.dim() == 2:  # [N, G]
-            return torch.einsum("ng,ngbstd->gbstd", weights, stacked)
+            return torch.einsum("ng,ngbstd->gbstd", weights, stacked), info
         if weights.shape[0] not in (1, stacked.shape[2]):
             raise ValueError(
                 f"MultiTeacherKVProjector: {weights.shape[0]} task ids for a batch of "
                 f"{stacked.shape[2]}"
             )
-        return torch.einsum("bng,ngbstd->gbstd", weights.expand(stacked.shape[2], -1, -1), stacked)
+        weights = weights.expand(stacked.shape[2], -1, -1)
+        return torch.einsum("bng,ngbstd->gbstd", weights, stacked), info
+
+    def project(
+        self,
+        caches: Sequence[Any],
+        resample: Any = None,
+        task: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The fused cache as one tensor ``[2*Ls, B, Hs, Ts, Ds]``."""
+        return self._project_all(caches, resample, task)[0]
 
     def forward(
         self,
         caches: Sequence[Any],
         resample: Any = None,
         task: int | torch.Tensor | None = None,
-    ) -> KVPairs:
+    ) -> Any:
         """Fuse the teachers' caches (a list, one per teacher, each in its projector's
-        format) into Ls student pairs ``(k, v)`` of ``[B, Hs, Ts, Ds]``.
+        format) into Ls student layers ``(k, v)`` of ``[B, Hs, Ts, Ds]``, in the type of
+        the first teacher's cache (a ``DynamicCache`` gives a ``DynamicCache``, a list a
+        list, as :meth:`KVProjector.forward`).
 
         Args:
             resample: None, one int target length Ts for every teacher, or a list with one
@@ -663,7 +955,8 @@ class MultiTeacherKVProjector(nn.Module):
             task: with ``task_conditioned``, an int or a ``[B]`` tensor of task ids.
         """
         out = self.project(caches, resample, task)
-        return [(out[2 * i], out[2 * i + 1]) for i in range(self.student_layers)]
+        pairs = [(out[2 * i], out[2 * i + 1]) for i in range(self.student_layers)]
+        return _cache_like(caches[0], pairs, self.projectors[0].student_config)
 
     def distill_loss(
         self,
@@ -673,33 +966,73 @@ class MultiTeacherKVProjector(nn.Module):
         task: int | torch.Tensor | None = None,
         loss: str = "mse",
         reduction: str = "sum",
+        *,
+        teacher_mask: Any = None,
+        student_mask: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss between the fused cache and ``student_cache``, with the per-group
-        definitions of :func:`fastcore.ops.kv_distill_loss` (``"mse"`` / ``"cosine"``;
-        ``reduction`` ``"sum"`` / ``"mean"`` / ``"none"``). Unlike the single-teacher
-        :meth:`KVProjector.distill_loss` this materialises the fused projection (the
-        weighted sum of the teachers' projections is not a single fused kernel)."""
+        definitions and masks of :meth:`KVProjector.distill_loss` (``"mse"`` / ``"cosine"``;
+        ``reduction`` ``"sum"`` / ``"mean"`` / ``"none"``); ``teacher_mask`` is one
+        ``[B, Tt]`` mask for every teacher or a list with one (or None) per teacher, and a
+        position is compared only where every teacher's projection is valid. Unlike the
+        single-teacher :meth:`KVProjector.distill_loss` this materialises the fused
+        projection (the weighted sum of the teachers' projections is not a single fused
+        kernel)."""
+        what = "MultiTeacherKVProjector.distill_loss"
         if loss not in LOSSES:
-            raise ValueError(
-                f"MultiTeacherKVProjector.distill_loss: loss must be one of {', '.join(LOSSES)}, "
-                f"got {loss!r}"
-            )
+            raise ValueError(f"{what}: loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         if reduction not in ("sum", "mean", "none"):
             raise ValueError(
-                "MultiTeacherKVProjector.distill_loss: reduction must be 'sum', 'mean' or "
-                f"'none', got {reduction!r}"
+                f"{what}: reduction must be 'sum', 'mean' or 'none', got {reduction!r}"
             )
-        fused = self.project(caches, resample, task)
-        student = self.projectors[0].student_groups(student_cache)
-        if tuple(student[0].shape) != tuple(fused.shape[1:]):
+        fused, info = self._project_all(caches, resample, task)
+        _, b, _, ts, _ = fused.shape
+        first = self.projectors[0]
+        student = first.student_groups(student_cache)
+        if student[0].shape[0] != b or any(s.shape[2] > ts for s in student):
             raise ValueError(
-                f"MultiTeacherKVProjector.distill_loss: the student cache is "
-                f"{tuple(student[0].shape)} per group but the fused teachers "
-                f"{tuple(fused.shape[1:])} ([B, Hs, Ts, Ds]); resample the teachers to Ts"
+                f"{what}: the student cache is {tuple(student[0].shape)} per group but the "
+                f"fused teachers {tuple(fused.shape[1:])} ([B, Hs, Ts, Ds]); resample the "
+                "teachers to Ts"
             )
-        per_group = torch.stack(
-            [distill_group_loss(fused[g], s, loss) for g, s in enumerate(student)]
+        device = fused.device
+        if isinstance(teacher_mask, (list, tuple)):
+            if len(teacher_mask) != self.num_teachers:
+                raise ValueError(
+                    f"{what}: {len(teacher_mask)} teacher masks for {self.num_teachers} teachers"
+                )
+            t_masks = list(teacher_mask)
+        else:
+            t_masks = [teacher_mask] * self.num_teachers
+        t_masks = [
+            _bool_mask(m, f"teacher_mask[{n}]", b, steps, device, what)
+            for n, (m, (_, _, steps)) in enumerate(zip(t_masks, info, strict=True))
+        ]
+        smask = _and(
+            _bool_mask(student_mask, "student_mask", b, ts, device, what),
+            _bool_mask(mask, "mask", b, ts, device, what),
         )
+        per_group = []
+        for g, s in enumerate(student):
+            s_len = s.shape[2]
+            if s_len < ts and not first._windowed("student", g // 2):
+                raise ValueError(
+                    f"{what}: student layer {g // 2} has {s_len} steps but the fused teachers "
+                    f"{ts}; only a sliding-window layer may hold fewer"
+                )
+            valid = smask
+            for (lens, r, steps), tm in zip(info, t_masks, strict=True):
+                valid = _and(
+                    valid, KVProjector._rows_valid(r, tm, steps - lens[g], steps, b, device)
+                )
+            p = fused[g][:, :, ts - s_len :]
+            if valid is None:
+                per_group.append(distill_group_loss(p, s, loss))
+                continue
+            keep = valid.expand(b, ts)[:, ts - s_len :]  # [B, Ts_g]
+            per_group.append(distill_group_loss(p, s, loss, mask=keep))
+        per_group = torch.stack(per_group)
         if reduction == "none":
             return per_group
         return per_group.sum() if reduction == "sum" else per_group.mean()

@@ -13,6 +13,11 @@ also under ``TRITON_INTERPRET=1``). Backward for ``kv`` (only when it requires g
 ``head_mix``, ``dim_proj``, ``bias`` and, for the loss, the student cache: deterministic
 (per-chunk sums added in a fixed order, the kv gradient gathered over the transposed
 resampling rows). Second-order gradients are not implemented and raise.
+
+A batched :class:`fastcore.Resample` (per-example rows, ``ptr [B, Ts+1]``) resamples
+example b of the folded batch with its own rows; the loss's ``mask [B, Ts]`` skips padded
+student rows in every kernel (never read into the loss or any gradient), each group's
+mean running over the valid rows.
 """
 
 from __future__ import annotations
@@ -68,11 +73,12 @@ def _kv_distill_loss_triton(
     t_col: torch.Tensor,
     t_edge: torch.Tensor,
     loss: str,
+    mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     from fastcore.kernels import kv_project as kernels
 
     return kernels.kv_distill_loss_fwd(
-        kv, student, head_mix, dim_proj, bias, ptr, idx, weight, loss
+        kv, student, head_mix, dim_proj, bias, ptr, idx, weight, loss, mask
     )
 
 
@@ -93,12 +99,13 @@ def _kv_project_backward_triton(
     loss_grad: Optional[torch.Tensor],
     loss: str,
     need_kv: bool,
+    mask: Optional[torch.Tensor] = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     from fastcore.kernels import kv_project as kernels
 
     grad_kv, grad_mix, grad_proj, grad_bias, grad_student = kernels.kv_project_bwd(
         grad_out, kv, head_mix, dim_proj, bias, ptr, idx, weight, t_ptr, t_col, t_edge, need_kv,
-        student=student if loss else None, loss_grad=loss_grad, loss=loss,
+        student=student if loss else None, loss_grad=loss_grad, loss=loss, mask=mask,
     )  # fmt: skip
     if grad_bias is None:
         grad_bias = grad_mix.new_empty(0)
@@ -111,7 +118,8 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 def _project_fake(kv, head_mix, dim_proj, bias, ptr, idx, weight, t_ptr, t_col, t_edge):
     b, _, _, _ = kv[0].shape
-    return kv[0].new_empty((len(kv), b, head_mix.shape[1], ptr.shape[0] - 1, dim_proj.shape[-1]))
+    # ptr [Ts+1] (shared rows) or [B, Ts+1] (per-example rows)
+    return kv[0].new_empty((len(kv), b, head_mix.shape[1], ptr.shape[-1] - 1, dim_proj.shape[-1]))
 
 
 def _loss_fake(kv, student, head_mix, *rest):
@@ -120,7 +128,7 @@ def _loss_fake(kv, student, head_mix, *rest):
 
 def _backward_fake(
     grad_out, kv, head_mix, dim_proj, bias, ptr, idx, weight, t_ptr, t_col, t_edge,
-    student, loss_grad, loss, need_kv,
+    student, loss_grad, loss, need_kv, mask=None,
 ):  # fmt: skip
     acc = _acc(kv[0].dtype)
     grad_kv = [torch.empty_like(t) for t in kv] if need_kv else []
@@ -163,8 +171,9 @@ def _register_family(project: str, loss: str, backward: str) -> None:
         kv, (head_mix, dim_proj, bias, *structure) = list(saved[: ctx.groups]), saved[ctx.groups :]
         need_kv = any(ctx.needs_input_grad[0])
         grad_kv, g_mix, g_proj, g_bias, _ = backward_op(
-            grad_out.contiguous(), kv, head_mix, dim_proj, bias, *structure, [], None, "", need_kv
-        )
+            grad_out.contiguous(), kv, head_mix, dim_proj, bias, *structure, [], None, "", need_kv,
+            None,
+        )  # fmt: skip
         return (
             grad_kv if need_kv else [None] * ctx.groups,
             cast(g_mix, head_mix),
@@ -174,30 +183,32 @@ def _register_family(project: str, loss: str, backward: str) -> None:
         )
 
     def loss_setup(ctx, inputs, output):
-        kv, student, head_mix, dim_proj, bias, *structure, name = inputs
+        kv, student, head_mix, dim_proj, bias, *structure, name, mask = inputs
         ctx.groups = len(kv)
         ctx.has_bias = bias is not None
-        ctx.loss, ctx.rest_len = name, len(structure) + 1
-        ctx.save_for_backward(*kv, *student, head_mix, dim_proj, bias, *structure)
+        ctx.loss = name
+        ctx.save_for_backward(*kv, *student, head_mix, dim_proj, bias, mask, *structure)
 
     def loss_backward(ctx, loss_grad):
         saved = ctx.saved_tensors
         n = ctx.groups
         kv, student = list(saved[:n]), list(saved[n : 2 * n])
-        head_mix, dim_proj, bias, *structure = saved[2 * n :]
+        head_mix, dim_proj, bias, mask, *structure = saved[2 * n :]
         need_kv = any(ctx.needs_input_grad[0])
         grad_kv, g_mix, g_proj, g_bias, g_student = backward_op(
             None, kv, head_mix, dim_proj, bias, *structure, student, loss_grad.contiguous(),
-            ctx.loss, need_kv,
+            ctx.loss, need_kv, mask,
         )  # fmt: skip
-        return (
+        grads = (
             grad_kv if need_kv else [None] * ctx.groups,
             g_student if any(ctx.needs_input_grad[1]) else [None] * ctx.groups,
             cast(g_mix, head_mix),
             cast(g_proj, dim_proj),
             cast(g_bias, bias) if ctx.has_bias else None,
-            *([None] * ctx.rest_len),
         )
+        # None for the structure, the loss name and the mask as passed (the dispatcher
+        # leaves out a mask equal to its default, None).
+        return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
     def backward_setup(ctx, inputs, output):
         """The backward op saves nothing: its own backward only raises (below)."""
@@ -323,7 +334,7 @@ def _parameters(head_mix, dim_proj, bias, kv0: torch.Tensor, grouped: bool, op: 
     return head_mix, dim_proj, bias
 
 
-def _structure(resample, steps: int, device: torch.device, acc: torch.dtype, op: str):
+def _structure(resample, steps: int, lead: tuple, device: torch.device, acc: torch.dtype, op: str):
     """The resampling rows (and their transpose) of ``resample``, or the identity: the
     structure arguments of the operators. Host metadata only, no device sync."""
     if resample is None:
@@ -336,6 +347,12 @@ def _structure(resample, steps: int, device: torch.device, acc: torch.dtype, op:
         raise ValueError(
             f"{op}: kv has {steps} time steps (dimension -2) but the Resample maps "
             f"{resample.num_src} source steps"
+        )
+    batch = resample.batch_size
+    if batch is not None and batch != _numel(lead):
+        raise ValueError(
+            f"{op}: the batched Resample holds rows for {batch} examples but kv's leading "
+            f"dimensions {lead} hold {_numel(lead)}; they must be equal (one row set per example)"
         )
     if resample.ptr.device != device:
         raise ValueError(
@@ -351,6 +368,36 @@ def _structure(resample, steps: int, device: torch.device, acc: torch.dtype, op:
     )
 
 
+def _numel(lead: tuple) -> int:
+    n = 1
+    for size in lead:
+        n *= size
+    return n
+
+
+def _mask(mask, lead: tuple, steps: int, device: torch.device, op: str):
+    """The loss's row mask ``[*lead, Ts]`` (bool or any real dtype, nonzero = valid) as a
+    contiguous bool ``[B, Ts]``, or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"{op}: mask must be a tensor [*lead, Ts] (nonzero = a valid student position) or "
+            f"None, got {type(mask).__name__}"
+        )
+    if mask.is_complex():
+        raise TypeError(f"{op}: mask must be bool, integer or float, got {mask.dtype}")
+    expected = (*lead, steps)
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"{op}: mask must be [*lead, Ts] = {expected} (the student cache's leading "
+            f"dimensions and steps), got {tuple(mask.shape)}"
+        )
+    if mask.device != device:
+        raise ValueError(f"{op}: mask is on {mask.device} but teacher_kv on {device}")
+    return (mask != 0).reshape(_numel(lead), steps).contiguous()
+
+
 def _prepare(kv, head_mix, dim_proj, resample, bias, op: str):
     if not isinstance(head_mix, torch.Tensor) or head_mix.dim() not in (2, 3):
         raise ValueError(
@@ -360,7 +407,7 @@ def _prepare(kv, head_mix, dim_proj, resample, bias, op: str):
     groups, lead = _groups(kv, head_mix.shape[0] if grouped else None, op)
     head_mix, dim_proj, bias = _parameters(head_mix, dim_proj, bias, groups[0], grouped, op)
     kv0 = groups[0]
-    structure = _structure(resample, kv0.shape[2], kv0.device, _acc(kv0.dtype), op)
+    structure = _structure(resample, kv0.shape[2], lead, kv0.device, _acc(kv0.dtype), op)
     return groups, lead, grouped, head_mix, dim_proj, bias, structure
 
 
@@ -384,6 +431,9 @@ def kv_project(
             teacher head), with a leading G when grouped.
         resample: a :class:`fastcore.Resample` over Tt teacher steps (``.linear``,
             ``.nearest``, ``.segments``, ``.from_offsets``), or None to keep the Tt steps.
+            A batched Resample (``.stack``, ``.from_offsets`` of padded batches) needs
+            ``batch_size`` equal to the product of kv's ``lead`` dims; example b is
+            resampled with its own rows.
         bias: ``[Hs]`` or ``[Hs, Ds]`` (leading G when grouped), or None.
 
     Returns:
@@ -419,6 +469,7 @@ def kv_distill_loss(
     bias: Optional[torch.Tensor] = None,
     loss: str = "mse",
     reduction: str = "sum",
+    mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The distillation loss between the projected teacher cache and the student's, fused:
     the projected teacher cache is never materialised, forward or backward.
@@ -428,10 +479,21 @@ def kv_distill_loss(
     at 1e-8). ``reduction``: ``"sum"`` over groups (the usual sum over layers), ``"mean"``,
     or ``"none"`` (``[G]``).
 
+    With ``mask``, only valid student positions count: mse is
+    ``sum over valid (b, t) of sum_{s,d} (p - s)^2 / (n_valid * Hs * Ds)``, cosine
+    ``sum over valid (b, s, t) of (1 - cos) / (n_valid * Hs)``; no valid position gives 0
+    (and zero gradients). The kernels skip masked rows: values there (NaN and inf
+    included, in the student cache or in teacher steps only masked rows read) reach
+    neither the loss nor any gradient.
+
     Args:
-        teacher_kv, head_mix, dim_proj, resample, bias: as :func:`kv_project`.
+        teacher_kv, head_mix, dim_proj, resample, bias: as :func:`kv_project` (a batched
+            Resample included).
         student_kv: the student cache ``[*lead, Hs, Ts, Ds]`` per group (a list, or a
             ``[G, ...]`` tensor when grouped). Differentiable.
+        mask: ``[*lead, Ts]`` (the student's attention mask, or
+            ``Resample.valid_rows(teacher_mask) & student_mask``), bool or any integer or
+            float dtype, nonzero = valid; None: every position counts.
 
     Returns:
         A float32 scalar (float64 for float64 inputs), or ``[G]`` with ``reduction="none"``.
@@ -451,7 +513,8 @@ def kv_distill_loss(
     else:
         students = [student_kv]
     kv0 = groups[0]
-    expected = (*lead, head_mix.shape[1], structure[0].shape[0] - 1, dim_proj.shape[-1])
+    steps = structure[0].shape[-1] - 1
+    expected = (*lead, head_mix.shape[1], steps, dim_proj.shape[-1])
     if len(students) != len(groups):
         raise ValueError(f"{op}: {len(groups)} teacher groups but {len(students)} student groups")
     for i, s in enumerate(students):
@@ -463,36 +526,49 @@ def kv_distill_loss(
             )
         if s.device != kv0.device:
             raise ValueError(f"{op}: student_kv is on {s.device} but teacher_kv on {kv0.device}")
+    rows = _mask(mask, lead, steps, kv0.device, op)
     students = [s.to(kv0.dtype).reshape(kv0.shape[0], *expected[-3:]) for s in students]
     backend = _backend.resolve(op, kv0.device)
     if backend == "reference":
         per_group = reference.kv_distill_loss(
-            groups, students, head_mix, dim_proj, bias, *structure[:3], loss
+            groups, students, head_mix, dim_proj, bias, *structure[:3], loss, rows
         )
     elif backend == "triton":
         per_group = torch.ops.fastcore.kv_distill_loss_triton(
-            groups, students, head_mix, dim_proj, bias, *structure, loss
+            groups, students, head_mix, dim_proj, bias, *structure, loss, rows
         )
     else:
         per_group = torch.ops.fastcore.kv_distill_loss(
-            groups, students, head_mix, dim_proj, bias, *structure, loss
+            groups, students, head_mix, dim_proj, bias, *structure, loss, rows
         )
     if reduction == "none":
         return per_group
     return per_group.sum() if reduction == "sum" else per_group.mean()
 
 
-def distill_group_loss(projected: torch.Tensor, student: torch.Tensor, loss: str) -> torch.Tensor:
+def distill_group_loss(
+    projected: torch.Tensor,
+    student: torch.Tensor,
+    loss: str,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """One group's :func:`kv_distill_loss` term for an already materialised projection
     ``projected [..., Hs, Ts, Ds]`` and a student cache of the same shape: plain PyTorch
     (autograd through both), for callers that build the projection themselves (e.g. a
     weighted sum of several teachers' projections). Float32, float64 for float64 inputs;
     an empty cache gives 0. ``loss``: ``"mse"`` (mean over elements) or ``"cosine"`` (mean
-    over rows of ``1 - cos`` along Ds, each norm clamped below at 1e-8)."""
+    over rows of ``1 - cos`` along Ds, each norm clamped below at 1e-8). ``mask``
+    ``[..., Ts]`` (nonzero = valid): the mean over the valid rows only, as
+    :func:`kv_distill_loss` (masked rows are selected away, never multiplied)."""
     if loss not in LOSSES:
         raise ValueError(f"kv_distill_loss: loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     acc = torch.float64 if torch.float64 in (projected.dtype, student.dtype) else torch.float32
     p, s = projected.to(acc), student.to(acc)
+    if mask is not None:
+        lead = tuple(p.shape[:-3])
+        rows = _mask(mask, lead, p.shape[-2], p.device, "distill_group_loss")
+        shape = (_numel(lead), *p.shape[-3:])
+        return reference.distill_group_loss(p.reshape(shape), s.reshape(shape), loss, rows)
     if p.numel() == 0:
         return (p.sum() + s.sum()) * 0  # 0, still connected to both graphs
     if loss == "mse":

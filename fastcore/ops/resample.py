@@ -7,7 +7,10 @@ and treat empty sequences as valid.
 
 :class:`Resample` (public as ``fastcore.Resample``) is a linear map between sequence
 lengths (teacher -> student time) as CSR rows over the source steps, validated once and
-applied by the spmm kernels; :func:`fastcore.ops.kv_project` takes one.
+applied by the spmm kernels; :func:`fastcore.ops.kv_project` takes one. A *batched*
+Resample holds one set of rows per example of a padded batch (:meth:`Resample.stack`,
+:meth:`Resample.from_offsets` with ``[B, T, 2]`` offsets), for tokenizer-aware alignment
+of batches whose examples have different lengths.
 """
 
 from __future__ import annotations
@@ -136,6 +139,15 @@ class Resample(nn.Module):
     Build one with :meth:`linear`, :meth:`nearest`, :meth:`segments` or
     :meth:`from_offsets`.
 
+    **Batched** (per-example) rows, for padded batches whose examples align differently
+    (:meth:`stack`, :meth:`from_offsets` with ``[B, T, 2]`` offsets, or ``ptr [B, Ts+1]``):
+    example b's student step s is ``sum_k weight[k] * x[b, idx[k]]`` for
+    ``k in [ptr[b, s], ptr[b, s+1])``. ``ptr``'s values index one concatenated
+    ``idx``/``weight`` (example b's entries are ``[ptr[b, 0], ptr[b, -1])`` and
+    ``ptr[b+1, 0] == ptr[b, -1]``), ``idx`` holds each example's own source steps in
+    ``[0, num_src)``. ``batch_size`` is B (None for shared rows), ``resample[b]`` example b
+    as a shared Resample. ``num_src`` / ``num_dst`` are the padded lengths.
+
     Like :class:`fastcore.Graph`, a Resample is a ``torch.nn.Module`` whose tensors are
     buffers: held by a module it moves with it (``.to``, ``.cuda``; ``.double()`` /
     ``.half()`` cast ``weight``, float64 when built, while the int64 indices keep their
@@ -157,9 +169,12 @@ class Resample(nn.Module):
         ptr, idx = torch.as_tensor(ptr), torch.as_tensor(idx)
         weight = torch.as_tensor(weight)
         for name, t in (("ptr", ptr), ("idx", idx)):
-            if t.dim() != 1 or t.dtype not in (torch.int32, torch.int64):
+            batched_ptr = name == "ptr" and t.dim() == 2
+            if (t.dim() != 1 and not batched_ptr) or t.dtype not in (torch.int32, torch.int64):
+                hint = " ([B, Ts+1] for per-example rows)" if name == "ptr" else ""
                 raise ValueError(
-                    f"Resample: {name} must be 1-D int32/int64, got {t.dtype} {tuple(t.shape)}"
+                    f"Resample: {name} must be 1-D int32/int64, got {t.dtype} "
+                    f"{tuple(t.shape)}{hint}"
                 )
         if weight.dim() != 1 or weight.shape[0] != idx.shape[0] or not weight.is_floating_point():
             raise ValueError(
@@ -177,11 +192,29 @@ class Resample(nn.Module):
     ) -> None:
         """Install validated rows and build their transpose (entries grouped by source
         step), which the backward runs, and the permutations between the two orders
-        (t_edge[j]: the row entry of transposed entry j; t_pos: its inverse)."""
-        by_source, t_ptr = index_csr(idx, num_src)
-        dst = torch.repeat_interleave(
-            torch.arange(ptr.numel() - 1, device=ptr.device), ptr.diff(), output_size=idx.numel()
-        )
+        (t_edge[j]: the row entry of transposed entry j; t_pos: its inverse).
+
+        Batched rows (``ptr [B, Ts+1]``): ``t_ptr [B, Tt+1]`` (global positions, example b's
+        transposed entries grouped by its source steps), ``t_col`` the local destination
+        rows, ``t_edge`` global entry ids."""
+        if ptr.dim() == 1:
+            by_source, t_ptr = index_csr(idx, num_src)
+            dst = torch.repeat_interleave(
+                torch.arange(ptr.numel() - 1, device=ptr.device),
+                ptr.diff(),
+                output_size=idx.numel(),
+            )
+        else:
+            batch, rows = ptr.shape[0], ptr.shape[1] - 1
+            example = _entry_examples(ptr, idx.numel())
+            flat_rows = torch.repeat_interleave(
+                torch.arange(batch * rows, device=ptr.device),
+                ptr.diff(dim=1).reshape(-1),
+                output_size=idx.numel(),
+            )
+            dst = flat_rows - example * rows
+            by_source, flat_t_ptr = index_csr(example * num_src + idx, batch * num_src)
+            t_ptr = flat_t_ptr[_batched_positions(batch, num_src, ptr.device)]
         self._set(
             num_src,
             ptr,
@@ -241,7 +274,86 @@ class Resample(nn.Module):
 
     @property
     def num_dst(self) -> int:
-        return self._buffers["ptr"].numel() - 1
+        """Student steps (rows; for a batched Resample, the padded length)."""
+        return self._buffers["ptr"].shape[-1] - 1
+
+    @property
+    def batch_size(self) -> int | None:
+        """B of a batched (per-example) Resample; None for rows shared by a whole batch."""
+        ptr = self._buffers["ptr"]
+        return None if ptr.dim() == 1 else ptr.shape[0]
+
+    def __getitem__(self, b: int) -> Resample:
+        """Example ``b`` of a batched Resample as a shared one (``num_src`` / ``num_dst``
+        the padded lengths: its padded rows are empty). Reads two row pointers on the host."""
+        batch = self.batch_size
+        if batch is None:
+            raise TypeError(
+                "Resample: indexing needs a batched Resample (Resample.stack / from_offsets "
+                "with [B, T, 2] offsets); this one's rows are shared by the whole batch"
+            )
+        if isinstance(b, bool) or not isinstance(b, int):
+            raise TypeError(f"Resample: an example index must be an int, got {type(b).__name__}")
+        if not -batch <= b < batch:
+            raise IndexError(f"Resample: example {b} is out of range for a batch of {batch}")
+        b %= batch
+        buf = self._buffers
+        ptr, t_ptr = buf["ptr"][b], buf["t_ptr"][b]
+        lo, hi = int(ptr[0]), int(ptr[-1])
+        return Resample._from_parts(
+            self.num_src,
+            (ptr - lo).clone(),
+            buf["idx"][lo:hi].clone(),
+            buf["weight"][lo:hi].clone(),
+            (t_ptr - lo).clone(),
+            buf["t_col"][lo:hi].clone(),
+            buf["t_edge"][lo:hi] - lo,
+            buf["t_pos"][lo:hi] - lo,
+        )
+
+    def valid_rows(self, teacher_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Which student steps are real: bool ``[Ts]`` (shared rows) or ``[B, Ts]``
+        (batched). A row is valid when it reads at least one source step and, with a
+        ``teacher_mask [B, Tt]`` (nonzero = a real teacher token; the result is then
+        ``[B, Ts]`` also for shared rows), only source steps the mask marks valid. Use it
+        (and the student's attention mask) as ``kv_distill_loss``'s ``mask``. Tensor ops
+        only, no host synchronisation."""
+        buf = self._buffers
+        ptr, idx = buf["ptr"], buf["idx"]
+        nonempty = ptr[..., 1:] > ptr[..., :-1]
+        if teacher_mask is None:
+            return nonempty
+        batch = self.batch_size
+        what = "Resample.valid_rows"
+        if not isinstance(teacher_mask, torch.Tensor):
+            raise TypeError(
+                f"{what}: teacher_mask must be a tensor, got {type(teacher_mask).__name__}"
+            )
+        if teacher_mask.is_complex():
+            raise TypeError(f"{what}: teacher_mask must be bool or real, got {teacher_mask.dtype}")
+        want = f"[{'B' if batch is None else batch}, {self.num_src}]"
+        if (
+            teacher_mask.dim() != 2
+            or teacher_mask.shape[1] != self.num_src
+            or (batch is not None and teacher_mask.shape[0] != batch)
+        ):
+            raise ValueError(
+                f"{what}: teacher_mask must be {want} (batch, teacher steps), got "
+                f"{tuple(teacher_mask.shape)}"
+            )
+        if teacher_mask.device != ptr.device:
+            raise ValueError(
+                f"{what}: teacher_mask is on {teacher_mask.device} but the Resample on {ptr.device}"
+            )
+        invalid = teacher_mask == 0
+        if batch is None:
+            bad = invalid[:, idx].long()  # [B, E]
+            cum = torch.cat([bad.new_zeros(bad.shape[0], 1), bad.cumsum(1)], 1)
+            bad_rows = cum[:, ptr[1:]] - cum[:, ptr[:-1]]
+            return nonempty[None] & (bad_rows == 0)
+        bad = invalid[_entry_examples(ptr, idx.numel()), idx].long()  # [E]
+        cum = torch.cat([bad.new_zeros(1), bad.cumsum(0)])
+        return nonempty & (cum[ptr[:, 1:]] == cum[ptr[:, :-1]])
 
     @classmethod
     def linear(cls, t_src: int, t_dst: int, device: torch.device | str | None = None) -> Resample:
@@ -302,21 +414,127 @@ class Resample(nn.Module):
         return cls(ptr, idx.long(), weight, t_src)
 
     @classmethod
-    def from_offsets(cls, teacher_offsets, student_offsets) -> Resample:
+    def stack(
+        cls,
+        resamples: Sequence[Resample],
+        num_src: int | None = None,
+        num_dst: int | None = None,
+    ) -> Resample:
+        """B shared Resamples (one per example; lengths may differ) as one batched
+        Resample with ``batch_size == B``: ``num_src`` is the padded teacher length,
+        ``num_dst`` the padded student length (each defaults to the longest example's).
+        A shorter example's extra rows are empty (zeros); its source steps keep their
+        numbers (a padded teacher step is never read).
+
+        Raises:
+            ValueError: no Resamples, a batched one, Resamples on different devices, or a
+                ``num_src`` / ``num_dst`` shorter than an example's (naming it).
+            TypeError: something that is not a Resample.
+        """
+        what = "Resample.stack"
+        resamples = list(resamples)
+        if not resamples:
+            raise ValueError(f"{what}: needs at least one Resample (one per example)")
+        for i, r in enumerate(resamples):
+            if not isinstance(r, Resample):
+                raise TypeError(f"{what}: example {i} is a {type(r).__name__}, not a Resample")
+            if r.batch_size is not None:
+                raise ValueError(
+                    f"{what}: example {i} is already batched (batch_size {r.batch_size}); "
+                    "stack single-example Resamples"
+                )
+        device = resamples[0].ptr.device
+        for i, r in enumerate(resamples):
+            if r.ptr.device != device:
+                raise ValueError(
+                    f"{what}: example {i} is on {r.ptr.device} but example 0 on {device}"
+                )
+        sizes = {}
+        for name, given, attr in (("num_src", num_src, "num_src"), ("num_dst", num_dst, "num_dst")):
+            longest = max(getattr(r, attr) for r in resamples)
+            if given is None:
+                given = longest
+            _check_length(given, f"{what}: {name}", 0)
+            for i, r in enumerate(resamples):
+                if getattr(r, attr) > given:
+                    raise ValueError(
+                        f"{what}: example {i} has {name} = {getattr(r, attr)}, more than the "
+                        f"padded {name} = {given}"
+                    )
+            sizes[name] = given
+        ptrs, offset = [], 0
+        for r in resamples:
+            ptr = r.ptr.long()
+            pad = ptr[-1:].expand(sizes["num_dst"] - r.num_dst)
+            ptrs.append(torch.cat([ptr, pad]) + offset)
+            offset += r.idx.numel()
+        idx = torch.cat([r.idx.long() for r in resamples])
+        weight = torch.cat([r.weight.to(torch.float64) for r in resamples])
+        return cls(torch.stack(ptrs), idx, weight, sizes["num_src"])
+
+    @classmethod
+    def from_offsets(
+        cls,
+        teacher_offsets,
+        student_offsets,
+        teacher_mask=None,
+        student_mask=None,
+    ) -> Resample:
         """Tokenizer-aware alignment: student token s averages the teacher tokens whose
         character spans overlap its own (``offsets [T, 2]`` of ``(start, end)``, end
         exclusive, as tokenizers' ``offset_mapping`` gives). A student token that overlaps
-        no teacher token (an empty span, a special token) gets an empty row: zeros."""
+        no teacher token (an empty span, a special token) gets an empty row: zeros.
+
+        Padded batches: ``teacher_offsets [B, Tt, 2]`` and ``student_offsets [B, Ts, 2]``
+        give a batched Resample (``batch_size`` B, rows per example, indexed by padded
+        position). ``teacher_mask [B, Tt]`` / ``student_mask [B, Ts]`` (attention masks,
+        nonzero = a real token; ``[T]`` for one example) leave masked positions out: a
+        masked student position gets an empty row, a masked teacher position is never
+        read. Without masks every position counts (HF pads' ``(0, 0)`` offsets are empty
+        spans, so they give empty rows and are never read anyway). Example b equals the
+        single-example map of its valid positions, placed at their padded positions.
+
+        Raises:
+            ValueError: offsets not ``[T, 2]`` / ``[B, T, 2]``, a 2-D and a 3-D one mixed,
+                different batch sizes, a mask of the wrong shape.
+            TypeError: non-integer offsets, a complex mask.
+        """
         teacher = _offsets(teacher_offsets, "teacher_offsets")
         student = _offsets(student_offsets, "student_offsets")
-        t_start, t_end = teacher[:, 0], teacher[:, 1]
-        s_start, s_end = student[:, 0:1], student[:, 1:2]
-        overlap = (t_start < s_end) & (s_start < t_end) & (t_start < t_end) & (s_start < s_end)
-        rows, cols = overlap.nonzero(as_tuple=True)  # row-major: grouped by student token
-        counts = overlap.sum(1)
-        ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        weight = 1.0 / counts[rows].float()
-        return cls(ptr, cols, weight, teacher.shape[0])
+        if teacher.dim() != student.dim():
+            raise ValueError(
+                "Resample.from_offsets: teacher_offsets and student_offsets must both be one "
+                "example's [T, 2] or both a padded batch's [B, T, 2] (a batch's must be "
+                f"resampled per example), got shape {tuple(teacher.shape)} for teacher_offsets "
+                f"and {tuple(student.shape)} for student_offsets"
+            )
+        if teacher.dim() == 3 and teacher.shape[0] != student.shape[0]:
+            raise ValueError(
+                f"Resample.from_offsets: teacher_offsets hold {teacher.shape[0]} examples but "
+                f"student_offsets {student.shape[0]}"
+            )
+        student = student.to(teacher.device)
+        t_mask = _offset_mask(teacher_mask, teacher, "teacher_mask", "teacher_offsets")
+        s_mask = _offset_mask(student_mask, student, "student_mask", "student_offsets")
+        if teacher.dim() == 2:
+            ptr, cols, weight = _overlap_rows(teacher, student, t_mask, s_mask)
+            return cls(ptr, cols, weight, teacher.shape[0])
+        ptrs, all_cols, weights, offset = [], [], [], 0
+        for b in range(teacher.shape[0]):
+            ptr, cols, weight = _overlap_rows(
+                teacher[b],
+                student[b],
+                None if t_mask is None else t_mask[b],
+                None if s_mask is None else s_mask[b],
+            )
+            ptrs.append(ptr + offset)
+            offset += cols.numel()
+            all_cols.append(cols)
+            weights.append(weight)
+        if not ptrs:  # an empty batch
+            ptr = torch.zeros(0, student.shape[1] + 1, dtype=torch.long, device=teacher.device)
+            return cls(ptr, teacher.new_zeros(0), torch.zeros(0), teacher.shape[1])
+        return cls(torch.stack(ptrs), torch.cat(all_cols), torch.cat(weights), teacher.shape[1])
 
     def to(self, *args: Any, **kwargs: Any) -> Resample:
         """A copy with every tensor moved or cast as ``nn.Module.to`` would (``weight``
@@ -344,25 +562,67 @@ class Resample(nn.Module):
                 f"Resample.apply: x is on {x.device} but the Resample on {b['ptr'].device}; "
                 "use resample.to(device), or hold it in the module so that module.to() moves it"
             )
-        return apply_csr(x, b["weight"].to(x.dtype), self.csr(), dim)
+        batch = self.batch_size
+        if batch is None:
+            return apply_csr(x, b["weight"].to(x.dtype), self.csr(), dim)
+        if dim == 0 or x.shape[0] != batch:
+            raise ValueError(
+                f"Resample.apply: this Resample holds rows for {batch} examples, so x's "
+                f"dimension 0 must be the batch ({batch}) and time another dimension; got "
+                f"shape {tuple(x.shape)} with time at dimension {dim}"
+            )
+        # Example b's rows over rows b * Ts + s of a block-diagonal structure that reads
+        # step b * Tt + j of x with its time moved next to the batch.
+        moved = x.movedim(dim, 1)
+        rest = moved.shape[2:]
+        flat = moved.reshape(batch * self.num_src, *rest)
+        if not rest:
+            flat = flat.unsqueeze(-1)
+        out = apply_csr(flat, b["weight"].to(x.dtype), self._flat_csr(), 0)
+        return out.reshape(batch, self.num_dst, *rest).movedim(1, dim)
+
+    def _flat_csr(self) -> tuple[torch.Tensor, ...]:
+        """A batched Resample's rows as one block-diagonal structure over flattened
+        ``(b, t)``: ``(ptr [B*Ts+1], idx [E] in [0, B*Tt), t_ptr [B*Tt+1], t_col, t_edge,
+        t_pos)`` (tensor ops, no host synchronisation)."""
+        b = self._buffers
+        ptr, idx, t_ptr = b["ptr"], b["idx"], b["t_ptr"]
+        example = _entry_examples(ptr, idx.numel())
+        end = ptr.new_zeros(1) if ptr.shape[0] == 0 else ptr[-1, -1:]
+        flat_ptr = torch.cat([ptr[:, :-1].reshape(-1), end])
+        flat_t_ptr = torch.cat([t_ptr[:, :-1].reshape(-1), end])
+        return (
+            flat_ptr,
+            idx + example * self.num_src,
+            flat_t_ptr,
+            b["t_col"] + example[b["t_edge"]] * self.num_dst,
+            b["t_edge"],
+            b["t_pos"],
+        )
 
     def csr(self) -> tuple[torch.Tensor, ...]:
         """``(ptr, idx, t_ptr, t_col, t_edge, t_pos)``: the structure arguments of
-        ``fastcore::spmm`` (rows over the source steps, their transpose, the permutations)."""
+        ``fastcore::spmm`` (rows over the source steps, their transpose, the permutations).
+        Batched: ``ptr [B, Ts+1]`` and ``t_ptr [B, Tt+1]`` (see the class docstring)."""
         b = self._buffers
         return b["ptr"], b["idx"], b["t_ptr"], b["t_col"], b["t_edge"], b["t_pos"]
 
     def __repr__(self) -> str:
+        batch = "" if self.batch_size is None else f"batch_size={self.batch_size}, "
         return (
-            f"Resample(num_src={self.num_src}, num_dst={self.num_dst}, entries={self.idx.numel()})"
+            f"Resample({batch}num_src={self.num_src}, num_dst={self.num_dst}, "
+            f"entries={self.idx.numel()})"
         )
 
 
 def _check_rows(ptr: torch.Tensor, idx: torch.Tensor, num_src: int, what: str) -> None:
     """ValueError / IndexError unless ``ptr`` starts at 0, never decreases and ends at
-    ``len(idx)``, and every ``idx`` lies in ``[0, num_src)``."""
+    ``len(idx)``, and every ``idx`` lies in ``[0, num_src)``. Batched ``ptr [B, Ts+1]``:
+    each example's row pointer never decreases and starts where the previous one ends."""
     p = ptr.cpu()
-    if p.numel() < 1 or int(p[0]) != 0 or bool((p.diff() < 0).any()) or int(p[-1]) != idx.numel():
+    if p.dim() == 2:
+        _check_batched_ptr(p, idx.numel(), what)
+    elif p.numel() < 1 or int(p[0]) != 0 or bool((p.diff() < 0).any()) or int(p[-1]) != idx.numel():
         raise ValueError(
             f"{what}: ptr must start at 0, never decrease and end at len(idx) = {idx.numel()}, "
             f"got {p.tolist() if p.numel() <= 8 else p}"
@@ -374,27 +634,102 @@ def _check_rows(ptr: torch.Tensor, idx: torch.Tensor, num_src: int, what: str) -
             raise IndexError(f"{what}: source step {bad} is out of range for {num_src} steps")
 
 
+def _check_batched_ptr(p: torch.Tensor, entries: int, what: str) -> None:
+    """The per-example row pointers ``[B, Ts+1]`` (on the host) of a batched Resample."""
+    batch = p.shape[0]
+    if p.shape[1] < 1:
+        raise ValueError(
+            f"{what}: a batched ptr must be [B, Ts+1] with Ts >= 0, got {tuple(p.shape)}"
+        )
+    if batch == 0:
+        if entries:
+            raise ValueError(f"{what}: a batch of 0 examples has no entries, got {entries}")
+        return
+    starts = torch.cat([p.new_zeros(1), p[:-1, -1]])
+    for b in torch.nonzero((p[:, 0] != starts) | (p.diff(dim=1) < 0).any(1)).flatten()[:1].tolist():
+        row = p[b].tolist() if p.shape[1] <= 8 else p[b]
+        raise ValueError(
+            f"{what}: example {b}'s row pointer must start at {int(starts[b])} (0, or where "
+            f"example {b - 1} ends) and never decrease, got {row}"
+        )
+    if int(p[-1, -1]) != entries:
+        raise ValueError(
+            f"{what}: the last example's row pointer must end at len(idx) = {entries}, "
+            f"got {int(p[-1, -1])}"
+        )
+
+
+def _entry_examples(ptr: torch.Tensor, entries: int) -> torch.Tensor:
+    """The example of each entry of a batched Resample (``ptr [B, Ts+1]``): int64 ``[E]``."""
+    return torch.repeat_interleave(
+        torch.arange(ptr.shape[0], device=ptr.device), ptr[:, -1] - ptr[:, 0], output_size=entries
+    )
+
+
+def _batched_positions(batch: int, steps: int, device) -> torch.Tensor:
+    """``[B, steps+1]`` positions ``b * steps + j`` into a flattened ``[B*steps+1]`` pointer."""
+    return (
+        torch.arange(batch, device=device)[:, None] * steps
+        + torch.arange(steps + 1, device=device)[None, :]
+    )
+
+
 _IDENTITY_CACHE: dict[tuple[int, torch.device], Resample] = {}
 
 
 def _offsets(offsets, name: str) -> torch.Tensor:
-    """A tokenizer's offset map as int64 ``[T, 2]``; anything else is an error naming it."""
+    """A tokenizer's offset map as int64 ``[T, 2]`` (one example) or ``[B, T, 2]`` (a padded
+    batch); anything else is an error naming it."""
     t = torch.as_tensor(offsets)
-    if t.numel() == 0:
+    if t.numel() == 0 and t.dim() < 2:
         t = t.reshape(0, 2).long()
-    if t.dim() != 2 or t.shape[1] != 2:
-        hint = (
-            " (one example's offsets: a batch's must be resampled per example)"
-            if t.dim() == 3
-            else ""
-        )
+    if t.dim() not in (2, 3) or t.shape[-1] != 2:
         raise ValueError(
-            f"Resample.from_offsets: {name} must be [T, 2] (start, end) pairs{hint}, "
-            f"got shape {tuple(t.shape)}"
+            f"Resample.from_offsets: {name} must be [T, 2] (start, end) pairs, got shape "
+            f"{tuple(t.shape)} ([B, T, 2] for a padded batch)"
         )
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"Resample.from_offsets: {name} must be integers, got {t.dtype}")
     return t.long()
+
+
+def _offset_mask(mask, offsets: torch.Tensor, name: str, of: str) -> torch.Tensor | None:
+    """An attention mask ``[*offsets.shape[:-1]]`` as bool on the offsets' device (nonzero =
+    valid), or None."""
+    if mask is None:
+        return None
+    m = torch.as_tensor(mask)
+    if m.is_complex():
+        raise TypeError(f"Resample.from_offsets: {name} must be bool or real, got {m.dtype}")
+    if tuple(m.shape) != tuple(offsets.shape[:-1]):
+        raise ValueError(
+            f"Resample.from_offsets: {name} must have the shape of {of} without its last "
+            f"dimension, {tuple(offsets.shape[:-1])}, got {tuple(m.shape)}"
+        )
+    return m.to(offsets.device) != 0
+
+
+def _overlap_rows(
+    teacher: torch.Tensor,
+    student: torch.Tensor,
+    t_mask: torch.Tensor | None,
+    s_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One example's ``(ptr, idx, weight)``: each student token (``[Ts, 2]`` spans) averages
+    the teacher tokens (``[Tt, 2]``) whose spans overlap its own; masked positions (False)
+    take part in nothing."""
+    t_start, t_end = teacher[:, 0], teacher[:, 1]
+    s_start, s_end = student[:, 0:1], student[:, 1:2]
+    overlap = (t_start < s_end) & (s_start < t_end) & (t_start < t_end) & (s_start < s_end)
+    if t_mask is not None:
+        overlap &= t_mask[None, :]
+    if s_mask is not None:
+        overlap &= s_mask[:, None]
+    rows, cols = overlap.nonzero(as_tuple=True)  # row-major: grouped by student token
+    counts = overlap.sum(1)
+    ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    weight = 1.0 / counts[rows].float()
+    return ptr, cols, weight
 
 
 def _identity(steps: int, device: torch.device) -> Resample:

@@ -3,7 +3,8 @@
 
 The same command under ``torchrun --nproc_per_node=N -m fastcore.train ...`` runs DDP.
 ``--resume PATH|latest`` continues a run exactly; ``--describe [JOB]`` prints every config
-field with its default and documentation. ``python -m fastcore.train evaluate --run DIR``
+field with its default and documentation, and ``--config X --describe`` every field of
+X's job with its value in X (and the overrides) (:func:`describe_config`). ``python -m fastcore.train evaluate --run DIR``
 evaluates a run's checkpoint on a split and writes its metrics and predictions
 (:func:`evaluate_run`); :func:`load_run` gives a script the run's config and model.
 """
@@ -70,7 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="?",
         const="",
         metavar="JOB",
-        help="print every config field (and JOB's data/model fields) and exit",
+        help="print every config field (and JOB's data/model fields) with its default and "
+        "exit; with --config, the fields of the config's job with their values in it",
     )
     p.add_argument("overrides", nargs="*", help="section.key=value (e.g. train.lr=3e-4)")
     return p.parse_args(argv)
@@ -139,6 +141,62 @@ def resolve_config(config: str | Path | None, overrides: Sequence[str] = ()) -> 
         raise ConfigError(f"job: expected str, got {name!r}")
     job = load_job(name)
     return build_config(raw, job.DataConfig, job.ModelConfig)
+
+
+def describe_config(
+    job: str | None = None, config: str | Path | None = None, overrides: Sequence[str] = ()
+) -> list[str]:
+    """What ``--describe`` prints: one line per config field, with its meaning and what a
+    valid value is.
+
+    Without ``config`` and ``overrides``: the defaults of the common sections, and of
+    ``job``'s ``data``/``model`` sections when a job is named. With them: the config
+    :func:`resolve_config` builds (its job, or ``job`` when only overrides are given), every
+    field showing its value and, where that is not the default, ``default X``; a first
+    comment line names the job and the file.
+
+    Raises:
+        ConfigError: an unknown job, a bad value in the file, or ``job`` that differs from
+            the config's ``job:``.
+        FileNotFoundError: ``config`` does not exist.
+
+    Examples:
+        >>> lines = describe_config(config="configs/example.yaml", overrides=["train.lr=3e-4"])
+        >>> lines[0]
+        "# job example from configs/example.yaml with train.lr=3e-4: each field's value ('default X' where it is not the default)"
+        >>> next(x for x in lines if x.startswith("  lr:"))
+        '  lr: 0.0003  # default 0.001; a finite float > 0; AdamW peak learning rate'
+    """
+    if config is None and not overrides:
+        lines = describe(Config)
+        if job:
+            module = load_job(job)
+            lines += [
+                "data:",
+                *describe(module.DataConfig, "  "),
+                "model:",
+                *describe(module.ModelConfig, "  "),
+            ]
+        return lines
+    extra = [f"job={job}"] if job and config is None else []
+    cfg = resolve_config(config, [*extra, *overrides])
+    if job and cfg.job != job:
+        raise ConfigError(
+            f"--describe {job}: the config {str(config)!r} runs job {cfg.job!r}; name no job "
+            "(--config X --describe) to describe the config's"
+        )
+    where = str(config) if config is not None else "the defaults"
+    if overrides:
+        where += " with " + " ".join(overrides)
+    return [
+        f"# job {cfg.job} from {where}: each field's value ('default X' where it is not the "
+        "default)",
+        *describe(Config, values=cfg),
+        "data:",
+        *describe(type(cfg.data), "  ", cfg.data),
+        "model:",
+        *describe(type(cfg.model), "  ", cfg.model),
+    ]
 
 
 @contextlib.contextmanager
@@ -337,8 +395,8 @@ def load_run(
         seed_everything(cfg.train.seed)
         ctx = JobContext(dev, cfg.train.seed, 0, 1, run_dir, cfg.train.precision)
         parts = load_job(cfg.job).build(cfg, ctx)
-    ckpt_io.check_fingerprint(state, parts.model, path, cfg.job)
-    parts.model.load_state_dict(state["model"])
+    ckpt_io.check_frozen(parts.model, parts.frozen)
+    ckpt_io.restore_model(state, parts.model, path, cfg.job, parts.frozen)
     parts.model.to(dev).eval()
     return LoadedRun(cfg=cfg, parts=parts, checkpoint=path, state=state, device=dev)
 
@@ -477,16 +535,12 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate_command(argv[1:])
         args = parse_args(argv)
         if args.describe is not None:
-            lines = describe(Config)
-            if args.describe:
-                job = load_job(args.describe)
-                lines += [
-                    "data:",
-                    *describe(job.DataConfig, "  "),
-                    "model:",
-                    *describe(job.ModelConfig, "  "),
-                ]
-            print("\n".join(lines))
+            job, config, overrides = args.describe, args.config, list(args.overrides)
+            if "=" in job:  # --config X --describe a.b=c: an override, not a job
+                job, overrides = "", [job, *overrides]
+            elif job.endswith((".yaml", ".yml")) and config is None and Path(job).is_file():
+                job, config = "", job  # --describe configs/X.yaml
+            print("\n".join(describe_config(job or None, config, overrides)))
             return 0
         cfg = resolve_config(args.config, args.overrides)
         run(cfg, args.resume)

@@ -420,22 +420,31 @@ def validate(section: Any, where: str = "") -> None:
     _check_constraints(section, where)
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """One documented line per field (nested sections expanded)."""
+def describe(cls: type, prefix: str = "", values: Any = None) -> list[str]:
+    """One documented line per field (nested sections expanded): ``name: default  # what
+    a valid value is; meaning``. With ``values`` (an instance of ``cls``, e.g. a resolved
+    :class:`Config`) each line shows its value instead, and ``default X`` where that
+    differs from the default."""
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             lines.append(f"{prefix}{f.name}:  # {(tp.__doc__ or '').strip()}")
-            lines.extend(describe(tp, prefix + "  "))
+            sub = getattr(values, f.name) if values is not None else None
+            lines.extend(describe(tp, prefix + "  ", sub))
             continue
         if f.name in ("data", "model") and cls is Config:
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         constraint = f.metadata.get("constraint")
         kind = constraint.describe(tp) if constraint is not None else _type_name(tp)
-        lines.append(f"{prefix}{f.name}: {default!r}  # {kind}; {f.metadata.get('help', '')}")
+        shown, note = default, ""
+        if values is not None:
+            shown = getattr(values, f.name)
+            if shown != default:
+                note = f"default {default!r}; "
+        lines.append(f"{prefix}{f.name}: {shown!r}  # {note}{kind}; {f.metadata.get('help', '')}")
     return lines
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -181,11 +182,32 @@ def cpu_rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def cpu_peak_rss_bytes() -> int:
+    """This process's peak resident set size since it started (``getrusage``'s
+    ``ru_maxrss``: KiB on Linux, bytes on macOS); 0 where the platform has no
+    ``resource`` module."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
 def memory_stats(device: torch.device) -> dict[str, float]:
-    """MiB: CPU RSS, and on CUDA allocated / reserved / peak allocated."""
-    out = {"cpu_rss_mib": cpu_rss_bytes() / 2**20}
+    """What a ``[MEM]`` line reports, in MiB: ``cpu_rss_mib`` (this process's resident
+    set now), ``cpu_peak_rss_mib`` (its peak since the process started, the job's build
+    included: what an out-of-memory kill is about); on CUDA ``cuda_alloc_mib`` /
+    ``cuda_reserved_mib`` (tensors allocated / held by the caching allocator now) and
+    ``cuda_peak_mib`` / ``cuda_peak_reserved_mib`` (their peaks since the process started
+    or the last ``torch.cuda.reset_peak_memory_stats``)."""
+    out = {
+        "cpu_rss_mib": cpu_rss_bytes() / 2**20,
+        "cpu_peak_rss_mib": cpu_peak_rss_bytes() / 2**20,
+    }
     if device.type == "cuda":
         out["cuda_alloc_mib"] = torch.cuda.memory_allocated(device) / 2**20
         out["cuda_reserved_mib"] = torch.cuda.memory_reserved(device) / 2**20
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        out["cuda_peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
     return out

@@ -22,7 +22,7 @@ import difflib
 import importlib
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -38,6 +38,7 @@ JOBS: dict[str, str] = {
     "example": "fastcore.train.example",
     "basin": "fastcore.train.basin",
     "kv_distill": "fastcore.train.kv_distill",
+    "kv_study": "fastcore.train.kv_study",
     "temporal_align": "fastcore.train.temporal_align",
     "panel": "fastcore.train.panel",
 }
@@ -136,6 +137,13 @@ class JobParts:
     concatenates them over a split and saves them. A job without it cannot be evaluated
     by the command.
     ``finish(trainer)``: called on rank 0 after training (reports, plots).
+    ``frozen``: ``{submodule name in model: where it comes from}`` for frozen submodules
+    the job rebuilds from its config every time (a pretrained or warmed-up LM, a
+    distillation teacher; every parameter ``requires_grad=False``). Checkpoints leave
+    their weights out and store an identity instead (class, config, parameter count,
+    tensor dtypes and shapes, a content hash, and this description); resuming or
+    evaluating with a rebuilt module that differs is an error naming the difference
+    (docs/training.md, "Frozen submodules").
     """
 
     model: nn.Module
@@ -150,6 +158,7 @@ class JobParts:
     test_set: Dataset | None = None
     predict: Callable[[nn.Module, Any], dict[str, torch.Tensor]] | None = None
     evaluate_splits: tuple[str, ...] = ("val",)
+    frozen: dict[str, str] = field(default_factory=dict)
 
 
 def _importable(target: str) -> bool:

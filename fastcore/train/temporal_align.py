@@ -181,6 +181,11 @@ def _warmup_key(data: DataConfig, mcfg: ModelConfig, vocab: TokenVocab, seed: in
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _keyed(path: Path, key: str) -> Path:
+    """``lm.pt`` -> ``lm-<key>.pt``: where a replaced warm-up is kept."""
+    return path.with_name(f"{path.stem}-{key}{path.suffix}")
+
+
 class CurveProbe(nn.Module):
     """The throwaway reader of the LM warm-up: prefix tokens in the layout of a
     :class:`~fastcore.nn.TemporalEncoder` with the same ``channels``, ``segments`` and
@@ -315,7 +320,8 @@ def build_lm(
         from fastcore.data.text import load_local
 
         lm = load_local(mcfg.llm_dir)
-        return lm, {"source": mcfg.llm_dir, "vocab": "qwen"}
+        origin = f"local checkpoint {Path(mcfg.llm_dir).resolve()} (model.llm_dir)"
+        return lm, {"source": mcfg.llm_dir, "vocab": "qwen", "origin": origin}
     from transformers import Qwen2ForCausalLM
 
     vocab = dataset.vocab
@@ -324,8 +330,15 @@ def build_lm(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ctx.seed)
         lm = Qwen2ForCausalLM(_lm_config(mcfg, len(vocab)))
-    saved = torch.load(path, weights_only=True) if path.is_file() else None
-    if saved is not None and saved.get("key") == key:
+    saved = None
+    # the warm-up of other settings, moved aside when a run with these replaced it
+    for candidate in dict.fromkeys([path, _keyed(path, key)]):
+        if candidate.is_file():
+            found = torch.load(candidate, weights_only=True)
+            if found.get("key") == key:
+                saved, path = found, candidate
+                break
+    if saved is not None:
         lm.load_state_dict(saved["state"])
         losses = saved["losses"].tolist()
         log.info("[LM warm-up] reusing %s (key %s)", path, key)
@@ -355,6 +368,15 @@ def build_lm(
                 reader,
             )
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_file():
+                # Checkpoints identify the frozen LM instead of storing it, so the warm-up
+                # of other settings (an earlier run's, needed to resume or evaluate it) is
+                # kept as lm-<key>.pt, where a run with its settings finds it again.
+                other = torch.load(path, weights_only=True).get("key")
+                aside = _keyed(path, other) if other else None
+                if aside is not None and aside != path and not aside.exists():
+                    path.replace(aside)
+                    log.info("[LM warm-up] kept the warm-up of other settings as %s", aside)
             tmp = path.with_suffix(".tmp")
             state = {k: v.detach().cpu() for k, v in lm.state_dict().items()}
             torch.save({"key": key, "state": state, "losses": torch.tensor(losses)}, tmp)
@@ -365,8 +387,15 @@ def build_lm(
             saved = torch.load(path, weights_only=True)
             lm.load_state_dict(saved["state"])
             losses = saved["losses"].tolist()
+    how = "reading curves through the probe" if mcfg.lm_reader == "probe" else "on text alone"
+    origin = (
+        f"tiny Qwen2 built from model.hidden/layers/heads/kv_heads/intermediate with seed "
+        f"{ctx.seed} over a {len(vocab)}-token vocabulary, warmed up {mcfg.lm_steps} steps "
+        f"{how} (warm-up key {key}, saved as {path})"
+    )
     return lm, {
         "source": "tiny Qwen2 from config",
+        "origin": origin,
         "reader": mcfg.lm_reader,
         "config": {
             k: getattr(mcfg, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate")
@@ -516,4 +545,7 @@ def build(cfg: Config, ctx: JobContext) -> JobParts:
         evaluate_metrics=("answer_nll", "token_acc", "shuffled_answer_nll", "shuffled_token_acc"),
         sanity=sanity,
         finish=finish,
+        # the frozen LM is rebuilt (or its warm-up reused) from the config: checkpoints
+        # hold the encoder and identify the LM instead of storing it
+        frozen={"llm": lm_info["origin"]},
     )

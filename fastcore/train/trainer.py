@@ -240,6 +240,10 @@ class Trainer:
         self.run_dir = cfg.run_path
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.model = parts.model.to(self.device)
+        # Frozen submodules the job rebuilds from its config: left out of checkpoints,
+        # identified instead (their identity taken now, compared again at every save).
+        ckpt_io.check_frozen(self.model, parts.frozen)
+        self.frozen_identity = ckpt_io.frozen_identity(self.model, parts.frozen)
         self.ddp: nn.Module = self.model
         if dist_info.distributed:
             self.ddp = DistributedDataParallel(
@@ -351,10 +355,23 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         """Everything a checkpoint holds (docs/training.md, "Checkpoints", lists the keys):
         tensors and plain containers only, so it loads with ``weights_only=True``."""
+        frozen = self.parts.frozen
+        if frozen:
+            now = ckpt_io.frozen_identity(self.model, frozen)
+            for name, identity in now.items():
+                diffs = ckpt_io.identity_differences(self.frozen_identity[name], identity)
+                if diffs:
+                    raise ckpt_io.CheckpointError(
+                        f"frozen {name!r} (JobParts.frozen) changed during training: "
+                        f"{'; '.join(diffs)}. Its weights are left out of checkpoints, so "
+                        "it must not change (no optimizer, no running statistics: keep it "
+                        "in eval mode), or the job must not declare it frozen"
+                    )
         return {
             "job": self.cfg.job,
-            "model": self.model.state_dict(),
-            "fingerprint": ckpt_io.fingerprint(self.model),
+            "model": ckpt_io.model_state(self.model, frozen),
+            "fingerprint": ckpt_io.fingerprint(self.model, frozen),
+            "frozen": self.frozen_identity,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -395,8 +412,9 @@ class Trainer:
         """
         path = ckpt_io.resolve(resume, self.ckpt_dir)
         state = ckpt_io.load(path)
-        ckpt_io.check_fingerprint(state, self.model, path, self.cfg.job)
-        self.model.load_state_dict(state["model"])
+        ckpt_io.restore_model(
+            state, self.model, path, self.cfg.job, self.parts.frozen, self.frozen_identity
+        )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -708,9 +726,9 @@ class Trainer:
         """
         tc, lc = self.cfg.train, self.cfg.log
         self._check_best_metric()
+        if resume:  # before the run's files are touched: a checkpoint that fails its checks
+            self.resume(resume)  # leaves config.yaml and metrics.jsonl as they were
         self._setup_logging()
-        if resume:
-            self.resume(resume)
         if self.dist.is_main:
             log.info(
                 "run %s: job %s, world %d, device %s, precision %s, global batch %d "
@@ -727,6 +745,18 @@ class Trainer:
                 self.steps_per_epoch,
             )
             log.info("[SANITY] %s", parameter_summary(self.model))
+            for name, ident in self.frozen_identity.items():
+                log.info(
+                    "[SANITY] frozen %s (left out of checkpoints): %s, %s parameters, "
+                    "%.2f MiB, digest %s (%s), from: %s",
+                    name,
+                    ident["class"].rsplit(".", 1)[-1],
+                    f"{ident['parameters']:,}",
+                    ident["bytes"] / 2**20,
+                    ident["digest"][:16],
+                    ident["hashed"],
+                    ident["source"],
+                )
             if self.parts.sanity is not None:
                 for line in self.parts.sanity().splitlines():
                     log.info("[SANITY] %s", line)

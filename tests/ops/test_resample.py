@@ -580,3 +580,226 @@ def test_apply_errors():
         resample.apply(x.long(), 2)
     with pytest.raises(IndexError, match=r"dim 4 is out of range for a tensor of 4 dimensions"):
         resample.apply(x, 4)
+
+
+# ---------------------------------------------------------------------------------------
+# Batched (per-example) Resamples
+# ---------------------------------------------------------------------------------------
+
+# (t_src, t_dst) per example: different lengths, padded to the longest.
+EXAMPLES = [(5, 3), (7, 4), (1, 2), (6, 6)]
+
+
+def stacked_linears(device="cpu") -> Resample:
+    return Resample.stack([Resample.linear(s, d, device) for s, d in EXAMPLES])
+
+
+def test_stack_of_linears_matches_interpolate():
+    resample = stacked_linears()
+    assert resample.batch_size == 4 and (resample.num_src, resample.num_dst) == (7, 6)
+    assert "batch_size=4" in repr(resample)
+    x = randn((4, 3, 7, 2), torch.float64, "cpu", seed=30)
+    out = resample.apply(x, 2)
+    assert out.shape == (4, 3, 6, 2)
+    for b, (t_src, t_dst) in enumerate(EXAMPLES):
+        want = interpolate_along(x[b, :, :t_src], 1, t_dst, "linear")
+        assert_close(out[b, :, :t_dst], want, torch.float64, f"example {b}")
+        assert torch.equal(out[b, :, t_dst:], torch.zeros_like(out[b, :, t_dst:]))  # padding
+        single = resample[b]
+        assert single.batch_size is None and (single.num_src, single.num_dst) == (7, 6)
+        assert torch.equal(single.apply(x[b], 1), out[b])
+        # The example's transpose is the one its rows give.
+        again = Resample.segments(single.ptr, single.idx, single.weight, 7)
+        assert all(torch.equal(a, c) for a, c in zip(single.csr(), again.csr(), strict=True))
+    assert torch.equal(resample[-1].ptr, resample[3].ptr)
+
+
+def test_stack_sizes_and_errors():
+    big = Resample.stack([Resample.linear(3, 2), Resample.nearest(2, 4)], num_src=5, num_dst=7)
+    assert (big.num_src, big.num_dst, big.batch_size) == (5, 7, 2)
+    assert big.ptr.tolist() == [[0, 2, 4, 4, 4, 4, 4, 4], [4, 5, 6, 7, 8, 8, 8, 8]]
+    assert big.idx.tolist() == [0, 1, 2, 2, 0, 0, 1, 1]
+    with pytest.raises(
+        ValueError, match=r"example 1 has num_src = 6, more than the padded num_src = 5"
+    ):
+        Resample.stack([Resample.linear(3, 2), Resample.linear(6, 2)], num_src=5)
+    with pytest.raises(
+        ValueError, match=r"example 0 has num_dst = 4, more than the padded num_dst = 3"
+    ):
+        Resample.stack([Resample.linear(3, 4), Resample.linear(6, 2)], num_dst=3)
+    with pytest.raises(ValueError, match="at least one Resample"):
+        Resample.stack([])
+    with pytest.raises(TypeError, match="example 1 is a str, not a Resample"):
+        Resample.stack([Resample.linear(3, 4), "linear"])
+    with pytest.raises(ValueError, match="example 0 is already batched"):
+        Resample.stack([big])
+    with pytest.raises(ValueError, match="example 1 is on meta but example 0 on cpu"):
+        Resample.stack([Resample.linear(3, 4), Resample.linear(3, 4).to("meta")])
+    shared = Resample.linear(3, 4)
+    assert shared.batch_size is None
+    with pytest.raises(TypeError, match="indexing needs a batched Resample"):
+        shared[0]
+    with pytest.raises(IndexError, match="example 2 is out of range for a batch of 2"):
+        big[2]
+
+
+def test_batched_constructor_validation():
+    ptr = torch.tensor([[0, 1, 2], [2, 2, 3]])
+    r = Resample.segments(ptr, [0, 1, 1], [1.0, 2.0, 3.0], 2)
+    assert r.batch_size == 2 and r.num_dst == 2
+    assert r.t_ptr.tolist() == [[0, 1, 2], [2, 2, 3]] and r.t_col.tolist() == [0, 1, 1]
+    with pytest.raises(ValueError, match=r"example 1's row pointer must start at 2"):
+        Resample.segments(torch.tensor([[0, 1, 2], [1, 2, 3]]), [0, 1, 1], [1.0] * 3, 2)
+    with pytest.raises(ValueError, match=r"example 0's row pointer .* never decrease"):
+        Resample.segments(torch.tensor([[0, 2, 1], [1, 2, 3]]), [0, 1, 1], [1.0] * 3, 2)
+    with pytest.raises(ValueError, match=r"must end at len\(idx\) = 4, got 3"):
+        Resample.segments(ptr, [0, 1, 1, 0], [1.0] * 4, 2)
+    with pytest.raises(IndexError, match="source step 2 is out of range for 2 steps"):
+        Resample.segments(ptr, [0, 2, 1], [1.0] * 3, 2)
+    with pytest.raises(
+        ValueError, match=r"ptr must be 1-D int32/int64, got torch\.int64 \(1, 1, 2\)"
+    ):
+        Resample.segments(torch.zeros(1, 1, 2, dtype=torch.long), [], [], 2)
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params("spmm"))
+def test_batched_apply_dims_and_gradients(device, backend):
+    resample = stacked_linears(device)
+    x = randn((4, 7, 3), torch.float64, device, seed=31).requires_grad_()
+    with use_backend(backend):
+        out = resample.apply(x, 1)
+        assert torch.equal(resample.apply(x.transpose(1, 2), -1), out.transpose(1, 2))
+        flat = resample.apply(x[:, :, 0], 1)  # no trailing dims
+        assert torch.equal(flat, out[:, :, 0])
+        assert torch.autograd.gradcheck(lambda x: resample.apply(x, 1), (x,))
+        upstream = randn(out.shape, torch.float64, device, seed=32)
+        (grad,) = torch.autograd.grad(out, x, upstream)
+    for b, (t_src, _) in enumerate(EXAMPLES):
+        single = resample[b]
+        xb = x[b : b + 1].detach().requires_grad_()
+        (want,) = torch.autograd.grad(single.apply(xb, 1), xb, upstream[b : b + 1])
+        assert_close(grad[b : b + 1], want, torch.float64, f"gradient {b}")
+        assert torch.equal(grad[b, t_src:], torch.zeros_like(grad[b, t_src:]))
+
+
+def test_batched_apply_errors():
+    resample = stacked_linears()
+    with pytest.raises(
+        ValueError, match=r"rows for 4 examples, so x's dimension 0 must be the batch"
+    ):
+        resample.apply(torch.randn(3, 7, 2), 1)
+    with pytest.raises(ValueError, match="rows for 4 examples"):
+        resample.apply(torch.randn(7, 4, 2), 0)
+
+
+def test_from_offsets_batched_hand_checked():
+    # Example 0: teacher "ab|cd", student "abc|d" + a pad; example 1: one token each, padded.
+    teacher = [[(0, 2), (2, 4)], [(0, 0), (0, 3)]]  # example 1 left-padded
+    student = [[(0, 3), (3, 4), (0, 0)], [(0, 3), (0, 0), (0, 0)]]
+    t_mask = [[1, 1], [0, 1]]
+    s_mask = [[1, 1, 0], [1, 0, 0]]
+    resample = Resample.from_offsets(teacher, student, t_mask, s_mask)
+    assert resample.batch_size == 2 and (resample.num_src, resample.num_dst) == (2, 3)
+    assert resample.ptr.tolist() == [[0, 2, 3, 3], [3, 4, 4, 4]]
+    assert resample.idx.tolist() == [0, 1, 1, 1]
+    assert resample.weight.tolist() == [0.5, 0.5, 1.0, 1.0]
+    assert resample.valid_rows().tolist() == [[True, True, False], [True, False, False]]
+    x = randn((2, 2, 3), torch.float64, "cpu", seed=33)
+    out = resample.apply(x, 1)
+    want = torch.stack(
+        [
+            torch.stack([(x[0, 0] + x[0, 1]) / 2, x[0, 1], torch.zeros(3, dtype=x.dtype)]),
+            torch.stack([x[1, 1], torch.zeros(3, dtype=x.dtype), torch.zeros(3, dtype=x.dtype)]),
+        ]
+    )
+    assert_close(out, want, torch.float64, "batched from_offsets")
+    # Masked teacher positions are never read, whatever their offsets say.
+    overlapping = Resample.from_offsets([[(0, 2), (0, 4)]], [[(0, 4)]], [[1, 0]], None)
+    assert overlapping.idx.tolist() == [0]
+    # A 1-D mask for one example's [T, 2] offsets.
+    one = Resample.from_offsets([(0, 2), (2, 4)], [(0, 4)], teacher_mask=[1, 0])
+    assert one.batch_size is None and one.idx.tolist() == [0] and one.weight.tolist() == [1.0]
+
+
+def test_from_offsets_batched_errors():
+    with pytest.raises(ValueError, match=r"got shape \(1, 2, 2\) for teacher_offsets and \(2, 2\)"):
+        Resample.from_offsets([[(0, 1), (1, 2)]], [(0, 1), (1, 2)])
+    with pytest.raises(ValueError, match=r"got shape \(2, 2\) for teacher_offsets and \(1, 2, 2\)"):
+        Resample.from_offsets([(0, 1), (1, 2)], [[(0, 1), (1, 2)]])
+    with pytest.raises(ValueError, match="teacher_offsets hold 2 examples but student_offsets 1"):
+        Resample.from_offsets(
+            torch.zeros(2, 3, 2, dtype=torch.long), torch.zeros(1, 3, 2, dtype=torch.long)
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"student_mask must have the shape of student_offsets .* \(2, 3\), got \(2, 4\)",
+    ):
+        Resample.from_offsets(
+            torch.zeros(2, 3, 2, dtype=torch.long),
+            torch.zeros(2, 3, 2, dtype=torch.long),
+            student_mask=torch.ones(2, 4),
+        )
+    with pytest.raises(TypeError, match="teacher_mask must be bool or real"):
+        Resample.from_offsets([(0, 1)], [(0, 1)], torch.ones(1, dtype=torch.complex64))
+
+
+def test_valid_rows():
+    resample = Resample.segments([0, 2, 2, 3, 5], [0, 1, 2, 3, 1], [1.0] * 5, 4)
+    assert resample.valid_rows().tolist() == [True, False, True, True]
+    teacher_mask = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 1], [0, 1, 1, 1]])
+    assert resample.valid_rows(teacher_mask).tolist() == [
+        [True, False, True, True],
+        [False, False, True, False],  # rows 0 and 3 read step 1
+        [False, False, True, True],
+    ]
+    batched = Resample.stack(
+        [resample, Resample.linear(2, 3), Resample.segments([0, 0], [], [], 1)]
+    )
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert batched.valid_rows().tolist() == [
+        [True, False, True, True],
+        [True, True, True, False],
+        [False, False, False, False],
+    ]
+    # linear(2, 3): rows (0, 1), (0, 1), (1, 1) with weights (1, 0), (.5, .5), (0, 1).
+    assert batched.valid_rows(mask).tolist() == [
+        [True, False, True, False],  # row 2 reads step 3, masked
+        [False, False, False, False],
+        [False, False, False, False],
+    ]
+    with pytest.raises(ValueError, match=r"teacher_mask must be \[3, 4\]"):
+        batched.valid_rows(torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"teacher_mask must be \[B, 4\]"):
+        resample.valid_rows(torch.ones(4))
+    with pytest.raises(TypeError, match="teacher_mask must be a tensor"):
+        resample.valid_rows([[1, 1, 1, 1]])
+
+
+def test_batched_state_dict_to_and_load():
+    resample = stacked_linears()
+    holder = torch.nn.Module()
+    holder.resample = resample
+    state = holder.state_dict()
+    assert state["resample.ptr"].shape == (4, 7)
+    other = torch.nn.Module()
+    # Same sizes, other rows (and weights): loading rebuilds the transpose.
+    other.resample = Resample(resample.ptr.clone(), resample.idx.flip(0), resample.weight * 2, 7)
+    assert not torch.equal(other.resample.t_col, resample.t_col)
+    other.load_state_dict(state)
+    for a, b in zip(other.resample.csr(), resample.csr(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(other.resample.weight, resample.weight)
+    x = randn((4, 7, 2), torch.float32, "cpu", seed=34)
+    assert torch.equal(other.resample.apply(x, 1), resample.apply(x, 1))
+    # Another batch size in the checkpoint: an error naming the key.
+    three = torch.nn.Module()
+    three.resample = Resample.stack([Resample.linear(s, d) for s, d in EXAMPLES[:3]])
+    with pytest.raises(RuntimeError, match=r"resample\.ptr"):
+        three.load_state_dict(state)
+    cast = resample.to(torch.float32)
+    assert cast.weight.dtype == torch.float32 and resample.weight.dtype == torch.float64
+    assert cast.batch_size == 4 and cast.ptr.dtype == torch.int64
+    meta = resample.to("meta")
+    assert meta.ptr.is_meta and meta.t_ptr.is_meta and not resample.ptr.is_meta
+    holder.double()
+    assert resample.weight.dtype == torch.float64 and resample.t_ptr.dtype == torch.int64
