@@ -132,8 +132,13 @@ TORCH_LIBRARY(fastcore, m) {
       "Tensor? mask=None) -> (Tensor[], Tensor, Tensor, Tensor, Tensor[])");
 }
 
+namespace fastcore {
+void register_cpu_cache(pybind11::module& m);  // csrc/cpu/cpu_cache.cpp
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastcore's compiled operators (importing this module registers them)";
+  fastcore::register_cpu_cache(m);
   m.def("build_info", [] {
     pybind11::dict info;
 #ifdef FASTCORE_WITH_CUDA

@@ -32,6 +32,7 @@ MODULES = [
     "fastcore.train.config",
     "fastcore.train.trainer",
     "fastcore.train.checkpoint",
+    "fastcore.train.allocator",
     "fastcore.train.cli",
     "fastcore.losses",
     "fastcore.metrics",

@@ -27,6 +27,11 @@ void gather_rows(const char* src, const index_t* index, char* out, const Fold& f
       const int64_t o = row / rows_out;
       const int64_t m = row - o * rows_out;
       const int64_t i = static_cast<int64_t>(index[m]);
+      if (m + kPrefetchAhead < rows_out) {
+        const int64_t ahead = static_cast<int64_t>(index[m + kPrefetchAhead]);
+        if (static_cast<uint64_t>(ahead) < static_cast<uint64_t>(f.size))
+          prefetch_row(src + (o * f.size + ahead) * row_bytes, row_bytes);
+      }
       if (static_cast<uint64_t>(i) < static_cast<uint64_t>(f.size)) {
         std::memcpy(out + row * row_bytes, src + (o * f.size + i) * row_bytes, row_bytes);
       } else {

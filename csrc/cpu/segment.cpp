@@ -77,13 +77,20 @@ inline bool in_rows(int64_t m, int64_t size) {
 // Fold source rows `rows[i]` (row index m = rows ? rows[i] : first + i, i < count) into
 // accumulator row segment[i] (or 0): the sum inner loop of both loop orders. Returns
 // how many rows it folded in (rows outside [0, size) are skipped).
+// `ahead`: how many entries after rows[count - 1] may be read to prefetch (the members of
+// the next segments: rows is a window of one perm).
 template <typename acc_t, typename scalar_t>
 FASTCORE_SIMD_CLONES int64_t add_rows(acc_t* acc, const scalar_t* base, const int64_t* rows,
                                       const int64_t* segment, int64_t first, int64_t count,
-                                      int64_t inner, int64_t size) {
+                                      int64_t inner, int64_t size, int64_t ahead = 0) {
   int64_t added = 0;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t m = rows ? rows[i] : first + i;
+    if (rows && i + kPrefetchAhead < count + ahead) {
+      const int64_t next = rows[i + kPrefetchAhead];
+      if (in_rows(next, size))
+        prefetch_row(base + next * inner, inner * static_cast<int64_t>(sizeof(scalar_t)));
+    }
     if (!in_rows(m, size)) continue;
     add_row(acc + (segment ? segment[i] * inner : 0), base + m * inner, inner);
     ++added;
@@ -243,8 +250,9 @@ void segment_rows(const scalar_t* src, const int64_t* perm, const int64_t* ptr, 
           } else {
             std::fill(acc, acc + inner, acc_t(0));
             const int64_t k = lo(r);
+            // Prefetch up to the end of perm (its length is size): the next segments'.
             folded = add_rows(acc, base, perm ? perm + k : nullptr, nullptr, k, stop - k, inner,
-                              size);
+                              size, perm ? std::min(kPrefetchAhead, size - stop) : 0);
           }
           if (widen || R == Reduce::Mean) store_row(dst, acc, inner, divisor(folded));
         }

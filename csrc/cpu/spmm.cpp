@@ -42,6 +42,7 @@ FASTCORE_SIMD_CLONES void spmm_rows(const scalar_t* x, const scalar_t* weight, c
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool widen = !std::is_same_v<acc_t, scalar_t>;
   std::vector<acc_t> buffer(widen ? inner : 0);
+  const int64_t last = ptr[segments];  // edges in CSR order: one slab's
   for (int64_t row = begin; row < end; ++row) {
     const int64_t o = row / segments;
     const int64_t v = row - o * segments;
@@ -50,6 +51,11 @@ FASTCORE_SIMD_CLONES void spmm_rows(const scalar_t* x, const scalar_t* weight, c
     acc_t* acc = widen ? buffer.data() : reinterpret_cast<acc_t*>(dst);
     std::fill(acc, acc + inner, acc_t(0));
     for (int64_t k = ptr[v]; k < ptr[v + 1]; ++k) {
+      if (k + kPrefetchAhead < last) {  // the edges of later rows of this slab too
+        const int64_t ahead = col[k + kPrefetchAhead];
+        if (static_cast<uint64_t>(ahead) < static_cast<uint64_t>(n_src))
+          prefetch_row(base + ahead * inner, inner * static_cast<int64_t>(sizeof(scalar_t)));
+      }
       const acc_t w = weight ? static_cast<acc_t>(weight[k]) : acc_t(1);
       axpy_row(acc, w, base + col[k] * inner, inner);
     }

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from fastcore.train import checkpoint as ckpt_io
+from fastcore.train.allocator import kept_freed_memory
 from fastcore.train.config import (
     Config,
     ConfigError,
@@ -200,9 +201,11 @@ def describe_config(
 
 
 @contextlib.contextmanager
-def run_switches(cfg: Config) -> Iterator[None]:
-    """``train.threads`` and ``train.deterministic`` switched on for the block and put back
-    afterwards (a run inside a larger program leaves the process as it found it)."""
+def run_switches(cfg: Config) -> Iterator[str]:
+    """``train.threads``, ``train.deterministic`` and ``train.keep_freed_memory``
+    (:mod:`fastcore.train.allocator`) switched on for the block and put back afterwards (a
+    run inside a larger program leaves the process as it found it). Yields the allocator's
+    log line."""
     saved = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -213,7 +216,8 @@ def run_switches(cfg: Config) -> Iterator[None]:
             torch.set_num_threads(cfg.train.threads)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        yield
+        with kept_freed_memory(cfg.train.keep_freed_memory) as allocator:
+            yield allocator
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.set_num_threads(saved[2])
@@ -243,8 +247,9 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, float]:
     validate(cfg)
     dist_info = setup(cfg.train.device)
     try:
-        with run_switches(cfg):
+        with run_switches(cfg) as allocator:
             configure_logging(cfg.run_path, dist_info.rank)
+            log.info("[ALLOC] %s", allocator)
             seed_everything(cfg.train.seed)
             ctx = JobContext(
                 device=dist_info.device,

@@ -198,6 +198,13 @@ class TrainSection:
     threads: int | None = option(
         None, "torch intra-op threads per process (None: torch's default)", ge=1
     )
+    keep_freed_memory: bool = option(
+        True,
+        "keep freed CPU blocks of 256 KiB or more for reuse during the run (fastcore's "
+        "caching CPU allocator, up to min(4 GiB, RAM/4) held while free; glibc mallopt "
+        "without the extension): no page faults on reused activations; false leaves the "
+        "allocator alone",
+    )
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: cuda when available")
     subset: float | None = option(
         None,
