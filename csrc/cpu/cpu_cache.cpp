@@ -66,7 +66,10 @@ class CachingCPUAllocator final : public c10::Allocator {
     return {p, p, &free_large, c10::Device(c10::DeviceType::CPU)};
   }
 
-  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  // raw_allocate / raw_deallocate (oneDNN, some ATen kernels) go through this: a block
+  // from the default allocator (allocated before the cache was installed) is freed as the
+  // default allocator would, a cached-size block of ours returns to the cache.
+  c10::DeleterFnPtr raw_deleter() const override { return &free_large; }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
@@ -117,34 +120,37 @@ class CachingCPUAllocator final : public c10::Allocator {
   static void free_large(void* p) { get().release(p); }
 
   void release(void* p) {
+    if (p == nullptr) return;
     bool keep = false;
     std::vector<void*> to_free;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = live_.find(p);
-      TORCH_INTERNAL_ASSERT(it != live_.end(), "fastcore cpu cache: freeing an unknown block");
-      const size_t size = it->second;
-      live_.erase(it);
-      stats_.live_bytes -= static_cast<int64_t>(size);
-      if (static_cast<int64_t>(size) <= limit_) {
-        // Make room by freeing the blocks cached longest ago: a training loop reuses what
-        // it freed last.
-        while (stats_.cached_bytes + static_cast<int64_t>(size) > limit_) {
-          auto oldest = order_.begin();
-          auto it = oldest->second;
-          evicted_.push_back(it->second.second);
-          stats_.cached_bytes -= static_cast<int64_t>(it->first);
-          stats_.cached_blocks -= 1;
-          free_.erase(it);
-          order_.erase(oldest);
+      // Not ours (c10::alloc_cpu'd by the default allocator, or one of our small blocks
+      // freed through raw_deallocate): freed below as the default allocator frees.
+      if (it != live_.end()) {
+        const size_t size = it->second;
+        live_.erase(it);
+        stats_.live_bytes -= static_cast<int64_t>(size);
+        if (static_cast<int64_t>(size) <= limit_) {
+          // Make room by freeing the blocks cached longest ago: a training loop reuses
+          // what it freed last.
+          while (stats_.cached_bytes + static_cast<int64_t>(size) > limit_) {
+            auto oldest = order_.begin();
+            auto victim = oldest->second;
+            to_free.push_back(victim->second.second);
+            stats_.cached_bytes -= static_cast<int64_t>(victim->first);
+            stats_.cached_blocks -= 1;
+            free_.erase(victim);
+            order_.erase(oldest);
+          }
+          const uint64_t seq = next_seq_++;
+          order_.emplace(seq, free_.emplace(size, std::make_pair(seq, p)));
+          stats_.cached_bytes += static_cast<int64_t>(size);
+          stats_.cached_blocks += 1;
+          keep = true;
         }
-        const uint64_t seq = next_seq_++;
-        order_.emplace(seq, free_.emplace(size, std::make_pair(seq, p)));
-        stats_.cached_bytes += static_cast<int64_t>(size);
-        stats_.cached_blocks += 1;
-        keep = true;
       }
-      to_free.swap(evicted_);
     }
     for (void* q : to_free) c10::free_cpu(q);
     if (!keep) c10::free_cpu(p);
@@ -155,7 +161,6 @@ class CachingCPUAllocator final : public c10::Allocator {
   std::mutex mutex_;
   Blocks free_;
   std::map<uint64_t, Blocks::iterator> order_;
-  std::vector<void*> evicted_;
   uint64_t next_seq_ = 0;
   std::unordered_map<void*, size_t> live_;
   Stats stats_;

@@ -42,6 +42,18 @@ def _positive(value: Any, name: str, what: str) -> int:
     return value
 
 
+def _text_config(config: Any) -> Any:
+    """A multimodal config's text decoder (``get_text_config(decoder=True)``), else the
+    config itself."""
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):
+        try:
+            return get_text(decoder=True)
+        except TypeError:
+            return get_text()
+    return config
+
+
 def kv_geometry(config: Any, what: str = "config") -> tuple[int, int, int]:
     """``(num_layers, num_kv_heads, head_dim)`` of a transformers (or look-alike) config.
 
@@ -59,12 +71,7 @@ def kv_geometry(config: Any, what: str = "config") -> tuple[int, int, int]:
             ``num_attention_heads`` (when there is no ``head_dim``), or
             ``num_attention_heads`` not a multiple of ``num_key_value_heads``.
     """
-    get_text = getattr(config, "get_text_config", None)
-    if callable(get_text):
-        try:
-            config = get_text(decoder=True)
-        except TypeError:
-            config = get_text()
+    config = _text_config(config)
     for name in ("num_hidden_layers", "num_attention_heads"):
         if getattr(config, name, None) is None:
             raise ValueError(f"{what}: the config has no {name} ({type(config).__name__})")
@@ -140,12 +147,7 @@ def layer_types(config: Any, what: str = "config") -> tuple[str, ...]:
     is read. A windowed layer's cache keeps only the last ``window - 1`` steps once the
     sequence is longer than its window (``DynamicSlidingWindowLayer``).
     """
-    get_text = getattr(config, "get_text_config", None)
-    if callable(get_text):
-        try:
-            config = get_text(decoder=True)
-        except TypeError:
-            config = get_text()
+    config = _text_config(config)
     layers = _positive(getattr(config, "num_hidden_layers", None), "num_hidden_layers", what)
     types = getattr(config, "layer_types", None)
     if types is not None:

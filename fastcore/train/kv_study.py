@@ -73,6 +73,7 @@ from fastcore.train.kv_study_report import (
     summarize,
     table_lines,
 )
+from fastcore.train.trainer import cosine_with_warmup
 
 log = logging.getLogger("fastcore.train")
 
@@ -454,13 +455,7 @@ def pretrain_teacher(
     params = [p for p in teacher.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = min(20, max(steps // 10, 1))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(steps - warm, 1)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(warm, steps, 0.0))
     stream = batches(raw, small, seq_len, batch_size, seed)
     losses: list[float] = []
     start = time.perf_counter()

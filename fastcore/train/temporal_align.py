@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,6 +54,7 @@ from fastcore.train.temporal_report import (
     evaluate_alignment,
     write_report,
 )
+from fastcore.train.trainer import cosine_with_warmup
 
 log = logging.getLogger("fastcore.train")
 
@@ -271,13 +271,7 @@ def warm_up_lm(
         params += list(reader.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = min(20, max(steps // 10, 1))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(steps - warm, 1)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(warm, steps, 0.0))
     g = torch.Generator().manual_seed(seed)
     losses = []
     start = time.perf_counter()
