@@ -249,7 +249,6 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, float]:
     try:
         with run_switches(cfg) as allocator:
             configure_logging(cfg.run_path, dist_info.rank)
-            log.info("[ALLOC] %s", allocator)
             seed_everything(cfg.train.seed)
             ctx = JobContext(
                 device=dist_info.device,
@@ -260,7 +259,9 @@ def run(cfg: Config, resume: str | None = None) -> dict[str, float]:
                 precision=cfg.train.precision,
             )
             parts = load_job(cfg.job).build(cfg, ctx)
-            return Trainer(cfg, parts, dist_info).fit(resume)
+            trainer = Trainer(cfg, parts, dist_info)
+            trainer.allocator_note = allocator
+            return trainer.fit(resume)
     except Exception as error:
         log_to_files(f"fastcore.train: error: {type(error).__name__}: {error}")
         raise

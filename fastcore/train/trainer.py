@@ -228,6 +228,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, parts: JobParts, dist_info: DistInfo) -> None:
         self.cfg, self.parts, self.dist = cfg, parts, dist_info
+        # What the run did with the CPU allocator (cli.run_switches), logged with [SANITY].
+        self.allocator_note: str | None = None
         tc = cfg.train
         per_step = dist_info.world_size * tc.accum_steps
         if tc.batch_size % per_step:
@@ -745,6 +747,8 @@ class Trainer:
                 self.steps_per_epoch,
             )
             log.info("[SANITY] %s", parameter_summary(self.model))
+            if self.allocator_note:
+                log.info("[ALLOC] %s", self.allocator_note)
             for name, ident in self.frozen_identity.items():
                 log.info(
                     "[SANITY] frozen %s (left out of checkpoints): %s, %s parameters, "
