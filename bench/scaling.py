@@ -31,8 +31,6 @@ import argparse
 import datetime as dt
 import json
 import math
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from compare import device_slug, machine_info  # bench/compare.py: the same machine record
 
 ROOT = Path(__file__).resolve().parents[1]
 H = 64
@@ -192,24 +191,6 @@ def child(setting: str, cases, min_time: float) -> list[dict]:
     return out
 
 
-def machine() -> dict:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": name,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def write_report(rows: list[dict], stem: Path, info: dict) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
@@ -282,17 +263,14 @@ def main() -> None:
         subprocess.run(cmd, check=True)
         rows += json.loads(tmp.read_text())
         tmp.unlink()
-    info = machine()
+    info = machine_info()
+    info["threads"] = info["torch_threads"]
     info["date"] = dt.date.today().isoformat()
     info["command"] = "python bench/scaling.py" + (" --quick" if args.quick else "")
-    cores = info["cores"]
     stem = (
         Path(args.out)
         if args.out
-        else ROOT
-        / "bench"
-        / "results"
-        / (f"cpu{cores}-{'amd-epyc' if 'EPYC' in info['cpu'] else 'cpu'}-{info['date']}-scaling")
+        else ROOT / "bench" / "results" / f"{device_slug(info)}-{info['date']}-scaling"
     )
     write_report(rows, stem, info)
     print(f"wrote {stem}.md/.json/.png")
