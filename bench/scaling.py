@@ -15,7 +15,8 @@ the baseline's CSR values take none) against ``torch.sparse.mm`` with the CSR bu
 forward+backward.
 
 Every op's time is the median of repeated calls after a warm-up, each call allocating its
-output as user code does. "% copy" is the op's minimal traffic (bytes read + written once)
+output as user code does; the op, its baseline and the copy run in interleaved rounds, so
+the three see the same machine (on a shared VM the bandwidth drifts over seconds). "% copy" is the op's minimal traffic (bytes read + written once)
 over its time, as a fraction of the bandwidth of ``copy_`` of the same input into a
 preallocated tensor at that size (the machine's bandwidth, no allocation: the ops pay for
 their output's, so the plain setting's page faults count against them).
@@ -45,19 +46,24 @@ H = 64
 CASES = [(64, 1_000), (64, 10_000), (16, 100_000), (2, 1_000_000)]
 
 
-def timeit(fn, min_time: float, min_reps: int = 5, max_reps: int = 200) -> float:
-    """Median seconds per call of ``fn`` (after two warm-up calls)."""
-    fn()
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_reps or (
-        time.perf_counter() - start < min_time and len(times) < max_reps
-    ):
-        t0 = time.perf_counter()
+def timeit(fns, min_time: float, min_reps: int = 5, max_reps: int = 200) -> list[float]:
+    """Median seconds per call of each of ``fns``, measured in interleaved rounds (one call
+    of each in turn, after two warm-up calls each) so that all of them see the same machine:
+    on a shared VM the bandwidth drifts over seconds, and timing them one after the other
+    compared different machines."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        fn()
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < min_reps or (
+        time.perf_counter() - start < min_time * len(fns) and len(times[0]) < max_reps
+    ):
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def measure(bt: int, n: int, min_time: float) -> list[dict]:
@@ -113,9 +119,10 @@ def measure(bt: int, n: int, min_time: float) -> list[dict]:
 
     rows = []
     dst = torch.empty_like(x)
-    copy = timeit(lambda: dst.copy_(x), min_time)
-    copy_bw = 2 * in_bytes / copy
-    dst = None  # freed before the ops run
+
+    def copy():
+        dst.copy_(x)
+
     specs = [
         (
             "pool sum",
@@ -148,8 +155,8 @@ def measure(bt: int, n: int, min_time: float) -> list[dict]:
         ("spmm fwd+bwd", spmm_fb, sparse_fb, "torch.sparse.mm (CSR)", 2 * spmm_fwd_bytes),
     ]
     for name, ours, base, base_name, traffic in specs:
-        t_ours = timeit(ours, min_time)
-        t_base = timeit(base, min_time)
+        t_ours, t_base, t_copy = timeit([ours, base, copy], min_time)
+        copy_bw = 2 * in_bytes / t_copy
         rows.append(
             {
                 "op": name,

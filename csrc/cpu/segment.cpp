@@ -90,6 +90,10 @@ FASTCORE_SIMD_CLONES int64_t add_rows(acc_t* acc, const scalar_t* base, const in
       const int64_t next = rows[i + kPrefetchAhead];
       if (in_rows(next, size))
         prefetch_row(base + next * inner, inner * static_cast<int64_t>(sizeof(scalar_t)));
+    } else if (!rows && segment && i + kPrefetchAhead < count) {
+      // By slab: the source streams; the accumulator rows are the scattered accesses.
+      prefetch_row_for_write(acc + segment[i + kPrefetchAhead] * inner,
+                             inner * static_cast<int64_t>(sizeof(acc_t)));
     }
     if (!in_rows(m, size)) continue;
     add_row(acc + (segment ? segment[i] * inner : 0), base + m * inner, inner);
@@ -135,16 +139,23 @@ inline void store_row(scalar_t* dst, const acc_t* acc, int64_t n, acc_t divisor)
 //    parallel over output rows; works for any shape.
 //  * by slab: for one outer index o, stream the source rows m = 0 .. size-1 in order and
 //    fold each into its segment's accumulator row, which stays in cache; parallel over
-//    outer. Chosen when there are enough slabs for every thread, a slab's accumulators
-//    fit in L2, and every source row belongs to exactly one segment. Its order within a
-//    segment is ascending source row, which is the by-segment order when perm lists each
-//    segment's members ascending (as the stable sort behind every fastcore CSR does).
+//    outer. The reads stream (the hardware prefetcher follows them) where the by-segment
+//    order reads rows scattered over the slab, which costs DRAM latency once a slab no
+//    longer fits the caches: at N = 100k (16 slabs of 25.6 MB) on the 2-core CPU, pooling
+//    reached 66% of copy bandwidth this way and 42% by segment (bench/scaling.py).
+//    Chosen when there are enough slabs for every thread, the accumulators of the slabs in
+//    flight fit kSlabBudget (a share of the last-level cache; at least kSlabBytes each),
+//    every source row belongs to exactly one segment and every segment lists its members
+//    ascending (as the stable sort behind every fastcore CSR does). Its order within a
+//    segment, ascending source row, is then exactly the by-segment order: both give the
+//    same bits, so the choice (shape, thread count) never shows in the result.
 //
 // Memory safety without checks: segment r covers the entries [lo, hi) with
 // lo = clamp(ptr[r], 0, size), hi = clamp(ptr[r+1], lo, size), and a perm entry outside
 // [0, size) is skipped (a mean divides by the members it did fold in). A valid CSR reads
 // exactly as before; an invalid one never reads or writes outside the tensors.
 constexpr int64_t kSlabBytes = 512 * 1024;
+constexpr int64_t kSlabBudget = 16 << 20;
 
 template <Reduce R, typename scalar_t, typename pos_t>
 void segment_rows(const scalar_t* src, const int64_t* perm, const int64_t* ptr, scalar_t* out,
@@ -179,21 +190,25 @@ void segment_rows(const scalar_t* src, const int64_t* perm, const int64_t* ptr, 
     return end;
   };
 
-  if (f.outer >= 2 * at::get_num_threads() && slab_bytes <= kSlabBytes) {
+  const int64_t threads = at::get_num_threads();
+  if (f.outer >= 2 * threads && slab_bytes <= std::max(kSlabBytes, kSlabBudget / threads)) {
     std::vector<int64_t> segment_of(size, -1);  // source row -> its segment
     std::vector<int64_t> members(segments);
     int64_t assigned = 0;
-    bool exact = true;  // every source row in exactly one segment
+    bool exact = true;  // every source row in exactly one segment, each segment ascending
     for (int64_t r = 0; r < segments && exact; ++r) {
       const int64_t end = hi(r);
       members[r] = end - lo(r);
+      int64_t previous = -1;
       for (int64_t k = lo(r); k < end; ++k) {
         const int64_t m = member(k);
-        if (!in_rows(m, size) || segment_of[m] >= 0) {
+        // Out of range, in a second segment, or not ascending: the by-segment order.
+        if (!in_rows(m, size) || segment_of[m] >= 0 || m <= previous) {
           exact = false;
           break;
         }
         segment_of[m] = r;
+        previous = m;
         ++assigned;
       }
     }
@@ -228,17 +243,21 @@ void segment_rows(const scalar_t* src, const int64_t* perm, const int64_t* ptr, 
   }
 
   const int64_t total = f.outer * segments;
+  const int64_t out_row_bytes = inner * static_cast<int64_t>(sizeof(scalar_t));
+  // A large sum/mean output is accumulated row by row in a buffer and streamed out (simd.h).
+  const bool stream = !arg_reduce && can_stream(out, out_row_bytes, total * out_row_bytes);
   at::parallel_for(
-      0, total, row_grain(total, inner * static_cast<int64_t>(sizeof(scalar_t))),
+      0, total, row_grain(total, out_row_bytes),
       [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> buffer(widen ? inner : 0);
+        std::vector<acc_t> buffer(widen || stream ? inner : 0);
+        std::vector<scalar_t> staged(stream && widen ? inner : 0);
         std::vector<pos_t> positions(arg_reduce ? inner : 0);
         for (int64_t row = begin; row < end; ++row) {
           const int64_t o = row / segments;
           const int64_t r = row - o * segments;
           const scalar_t* base = src + o * size * inner;
           scalar_t* dst = out + row * inner;
-          acc_t* acc = widen ? buffer.data() : reinterpret_cast<acc_t*>(dst);
+          acc_t* acc = widen || stream ? buffer.data() : reinterpret_cast<acc_t*>(dst);
           const int64_t stop = hi(r);
           int64_t folded = 0;
           if constexpr (arg_reduce) {
@@ -254,8 +273,16 @@ void segment_rows(const scalar_t* src, const int64_t* perm, const int64_t* ptr, 
             folded = add_rows(acc, base, perm ? perm + k : nullptr, nullptr, k, stop - k, inner,
                               size, perm ? std::min(kPrefetchAhead, size - stop) : 0);
           }
-          if (widen || R == Reduce::Mean) store_row(dst, acc, inner, divisor(folded));
+          if (stream) {
+            // the finished row in the output type, then one streaming write
+            scalar_t* row_out = widen ? staged.data() : reinterpret_cast<scalar_t*>(acc);
+            store_row(row_out, acc, inner, divisor(folded));
+            stream_row(dst, row_out, out_row_bytes);
+          } else if (widen || R == Reduce::Mean) {
+            store_row(dst, acc, inner, divisor(folded));
+          }
         }
+        if (stream) stream_fence();
       });
 }
 

@@ -2,7 +2,12 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <utility>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 // Hot loops marked FASTCORE_SIMD_CLONES are compiled twice on x86-64, for x86-64-v3
 // (AVX2 and FMA: the build contracts a * b + c into one fused multiply-add,
@@ -57,7 +62,61 @@ FASTCORE_INLINE void prefetch_row(const void* p, int64_t bytes) {
 #endif
 }
 
-// How many members ahead the gathers prefetch.
-constexpr int64_t kPrefetchAhead = 8;
+// The same for a row about to be read and written (an accumulator row).
+FASTCORE_INLINE void prefetch_row_for_write(void* p, int64_t bytes) {
+#if defined(__GNUC__)
+  char* c = static_cast<char*>(p);
+  const int64_t stop = bytes < 1024 ? bytes : 1024;
+  for (int64_t b = 0; b < stop; b += 64) __builtin_prefetch(c + b, 1, 3);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+// Outputs at least this large are written with non-temporal (streaming) stores where a
+// kernel writes each output row once: they do not fit the caches, so an ordinary store
+// first reads every line it fills (twice the traffic) and evicts the rows the next reads
+// need. Unpooling at (16, 100k) rows of 256 B on the 2-core CPU: 25.6 ms -> 18-20 ms.
+// Smaller outputs stay in cache for the op that reads them next.
+constexpr int64_t kStreamBytes = 32 << 20;
+
+// Whether rows of `row_bytes` at `out` can be streamed (16-byte stores, aligned).
+inline bool can_stream(const void* out, int64_t row_bytes, int64_t total_bytes) {
+#if defined(__x86_64__)
+  return total_bytes >= kStreamBytes && row_bytes % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(out) % 16 == 0;
+#else
+  (void)out;
+  (void)row_bytes;
+  (void)total_bytes;
+  return false;
+#endif
+}
+
+// dst[0:bytes] = src[0:bytes] (or zeros when src is null) with streaming stores (SSE2, every
+// x86-64 CPU); dst 16-byte aligned, bytes a multiple of 16. Callers check can_stream.
+FASTCORE_INLINE void stream_row(void* dst, const void* src, int64_t bytes) {
+#if defined(__x86_64__)
+  auto* d = static_cast<__m128i*>(dst);
+  const auto* s = static_cast<const __m128i*>(src);
+  for (int64_t v = 0; v < bytes / 16; ++v)
+    _mm_stream_si128(d + v, s ? _mm_loadu_si128(s + v) : _mm_setzero_si128());
+#else
+  if (src) std::memcpy(dst, src, bytes); else std::memset(dst, 0, bytes);
+#endif
+}
+
+// Orders the streaming stores before what follows: called once at the end of every task
+// that streamed, so the rows are visible to every thread once the parallel region joins.
+FASTCORE_INLINE void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
+
+// How many members ahead the gathers prefetch: 16 rows of 256 B keep 64 lines in flight per
+// core; at N = 1M on the 2-core CPU unpooling took 39 ms with 16 and 48-60 ms with 8.
+constexpr int64_t kPrefetchAhead = 16;
 
 }  // namespace fastcore

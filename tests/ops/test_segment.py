@@ -1,6 +1,8 @@
 """fastcore.ops.scatter / segment (the segment_reduce and segment_arg_scatter operators)
 on every backend, against fastcore.reference."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -208,6 +210,59 @@ def test_deterministic(device, backend, outer, reduce):
         torch.set_num_threads(threads)
     for out, grad in results[1:]:
         assert torch.equal(out, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean", "max"])
+@pytest.mark.parametrize("order", ["ascending", "reversed"])
+@pytest.mark.parametrize("size", [3000, 12000])
+def test_cpu_loop_orders_same_bits(order, reduce, size):
+    # The CPU kernel reduces by slab (streaming the source rows) when there are slabs for
+    # every thread, their accumulators fit the cache budget (12000 rows -> 3000 segments of
+    # 64 floats: 768 KB, over the former 512 KB limit) and every segment lists its members
+    # ascending; otherwise by segment. One slab at a time always goes by segment: the 8
+    # slabs at once must give exactly its bits, whichever order the CSR lists (reversed
+    # members keep the by-segment order, in which the sum's bits differ).
+    if "cpu" not in fastcore.testing.backends_for("segment", "cpu"):
+        pytest.skip("needs the compiled CPU kernels")
+    segments = size // 4
+    src = randn((8, size, 64), torch.float32, "cpu", seed=21)
+    index = randint(segments, (size,), torch.int64, "cpu", seed=22)
+    perm, ptr = ops.index_csr(index, segments)
+    if order == "reversed":
+        bounds = ptr.tolist()
+        perm = torch.cat([perm[a:b].flip(0) for a, b in itertools.pairwise(bounds)])
+    threads = torch.get_num_threads()
+    try:
+        with use_backend("cpu"):
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                together = ops.segment_csr(src, perm, ptr, 1, reduce)
+                alone = torch.stack([ops.segment_csr(s, perm, ptr, 0, reduce) for s in src])
+                assert torch.equal(together, alone)
+    finally:
+        torch.set_num_threads(threads)
+    if order == "reversed" and reduce != "max":
+        ascending = ops.segment_csr(src, *ops.index_csr(index, segments), 1, reduce)
+        assert not torch.equal(together, ascending)  # the order shows in the bits
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_cpu_streamed_output(reduce):
+    # A by-segment reduction whose output is 32 MB or more is accumulated row by row and
+    # streamed out. Small integer values keep every sum exact, so the result must equal
+    # index_add_'s bit for bit (and the mean its division), empty segments zero.
+    if "cpu" not in fastcore.testing.backends_for("segment", "cpu"):
+        pytest.skip("needs the compiled CPU kernels")
+    segments, size = 140_000, 200_000  # 140k x 64 float32 = 36 MB out
+    src = randint(8, (1, size, 64), torch.int64, "cpu", seed=41).float()
+    index = randint(segments, (size,), torch.int64, "cpu", seed=42)
+    perm, ptr = ops.index_csr(index, segments)
+    with use_backend("cpu"):
+        out = ops.segment_csr(src, perm, ptr, 1, reduce)
+    expected = torch.zeros(1, segments, 64).index_add_(1, index, src)
+    if reduce == "mean":
+        expected /= torch.bincount(index, minlength=segments).clamp_min(1)[:, None]
+    assert out.nbytes >= 32 << 20 and torch.equal(out, expected)
 
 
 def _operators(device):
