@@ -24,6 +24,9 @@ their output's, so the plain setting's page faults count against them).
 ``plain``: the process as a user starts it. ``kept``: the allocator setting the training
 layer switches on (``fastcore.train.allocator.keep_freed_memory``). Each setting runs in its
 own process. Results: ``bench/results/<machine>-<date>-scaling.{json,md,png}``.
+
+``--device cuda`` runs the same sweep on the GPU (one setting, ``cuda``: PyTorch's caching
+allocator; every call synchronised), as ``make gpu-check``'s long set does.
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ from compare import device_slug, machine_info  # bench/compare.py: the same mach
 ROOT = Path(__file__).resolve().parents[1]
 H = 64
 CASES = [(64, 1_000), (64, 10_000), (16, 100_000), (2, 1_000_000)]
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def timeit(fns, min_time: float, min_reps: int = 5, max_reps: int = 200) -> list[float]:
@@ -54,6 +63,7 @@ def timeit(fns, min_time: float, min_reps: int = 5, max_reps: int = 200) -> list
     for fn in fns:
         fn()
         fn()
+    _sync()
     times = [[] for _ in fns]
     start = time.perf_counter()
     while len(times[0]) < min_reps or (
@@ -62,6 +72,7 @@ def timeit(fns, min_time: float, min_reps: int = 5, max_reps: int = 200) -> list
         for fn, ts in zip(fns, times, strict=True):
             t0 = time.perf_counter()
             fn()
+            _sync()
             ts.append(time.perf_counter() - t0)
     return [statistics.median(ts) for ts in times]
 
@@ -92,6 +103,14 @@ def measure(bt: int, n: int, min_time: float) -> list[dict]:
     xg_rows = x_rows.clone().requires_grad_()
     grad_y = torch.randn(bt, n, H, generator=g)
     grad_rows = grad_y.permute(1, 0, 2).reshape(n, bt * H).contiguous()
+    if DEVICE.type != "cpu":  # built on the CPU from the same seed, then moved
+        x, index, perm, ptr, counts, pooled, weight = (
+            t.to(DEVICE) for t in (x, index, perm, ptr, counts, pooled, weight)
+        )
+        graph, adjacency = graph.to(DEVICE), adjacency.to(DEVICE)
+        x_rows, grad_y, grad_rows = (t.to(DEVICE) for t in (x_rows, grad_y, grad_rows))
+        xg = x.clone().requires_grad_()
+        xg_rows = x_rows.clone().requires_grad_()
 
     in_bytes, pooled_bytes = x.nbytes, pooled.nbytes
     idx_bytes = 8 * n
@@ -102,7 +121,7 @@ def measure(bt: int, n: int, min_time: float) -> list[dict]:
 
     def base_pool(mean):
         def run():
-            out = torch.zeros(bt, parents, H).index_add_(1, index, x)
+            out = torch.zeros(bt, parents, H, device=DEVICE).index_add_(1, index, x)
             return out / counts if mean else out
 
         return run
@@ -184,7 +203,11 @@ def measure(bt: int, n: int, min_time: float) -> list[dict]:
 
 
 def child(setting: str, cases, min_time: float) -> list[dict]:
-    if setting == "kept":
+    global DEVICE
+    if setting == "cuda":
+        DEVICE = torch.device("cuda")
+        print(f"[{setting}] {torch.cuda.get_device_name()}", flush=True)
+    elif setting == "kept":
         from fastcore.train.allocator import keep_freed_memory
 
         print(f"[{setting}] {keep_freed_memory()}", flush=True)
@@ -204,7 +227,8 @@ def write_report(rows: list[dict], stem: Path, info: dict) -> None:
     lines = [
         f"# Scaling: pooling, unpooling, spmm from 1k to 1M nodes ({info['date']})",
         "",
-        f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['threads']} "
+        f"{info['gpu'] if any(r['setting'] == 'cuda' for r in rows) else info['cpu']}, "
+        f"{info['cores']} cores, torch {info['torch']}, {info['threads']} "
         f"threads, float32, H = {H}. Command: `{info['command']}` (bench/scaling.py says "
         "what each column means).",
         "",
@@ -229,7 +253,7 @@ def write_report(rows: list[dict], stem: Path, info: dict) -> None:
     ops_ = list(dict.fromkeys(r["op"] for r in rows))
     fig, axes = plt.subplots(1, len(ops_), figsize=(4 * len(ops_), 3.6), sharey=False)
     for ax, op in zip(axes, ops_, strict=True):
-        for setting, style in (("plain", "-"), ("kept", "--")):
+        for setting, style in (("plain", "-"), ("kept", "--"), ("cuda", ":")):
             sel = [r for r in rows if r["op"] == op and r["setting"] == setting]
             if not sel:
                 continue
@@ -251,7 +275,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1k and 10k nodes only")
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
-    parser.add_argument("--settings", default="plain,kept")
+    parser.add_argument("--settings", default=None, help="default: plain,kept (cpu), cuda")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument(
         "--out", help="result stem (default bench/results/<machine>-<date>-scaling)"
@@ -262,8 +287,9 @@ def main() -> None:
         rows = child(args.child, cases, args.min_time)
         Path(args.out).write_text(json.dumps(rows))
         return
+    settings = args.settings or ("cuda" if args.device == "cuda" else "plain,kept")
     rows = []
-    for setting in args.settings.split(","):
+    for setting in settings.split(","):
         tmp = ROOT / "bench" / f".scaling-{setting}.json"
         cmd = [sys.executable, __file__, "--child", setting, "--out", str(tmp),
                "--min-time", str(args.min_time)] + (["--quick"] if args.quick else [])  # fmt: skip
@@ -274,6 +300,9 @@ def main() -> None:
     info["threads"] = info["torch_threads"]
     info["date"] = dt.date.today().isoformat()
     info["command"] = "python bench/scaling.py" + (" --quick" if args.quick else "")
+    if args.device == "cuda":
+        info["command"] += " --device cuda"
+        info["gpu"] = torch.cuda.get_device_name()
     stem = (
         Path(args.out)
         if args.out

@@ -10,7 +10,10 @@
 #      beside what users run today (index_select, index_add_, scatter_reduce,
 #      torch.sparse.mm on CSR, PyG's pooling, the unfused KV path eager and compiled), each
 #      file in its own process; bench/compare.py grades them against the copy bandwidth and
-#      writes bench/results/<gpu>-<date>.{md,json}.
+#      writes bench/results/<gpu>-<date>.{md,json};
+#   4. with --long: the scaling sweep, bench/scaling.py --device cuda (pooling, unpooling and
+#      spmm from 1k to 1M nodes beside the baselines and copy bandwidth), into
+#      bench/results/<gpu>-<date>-scaling.{md,json,png}.
 #
 # Each stage has a time budget (seconds: GPU_CHECK_BUILD_S, GPU_CHECK_TEST_S,
 # GPU_CHECK_BENCH_S; 200 + 160 + 150 by default) and the run goes on to the next stage when
@@ -128,6 +131,17 @@ if [[ -e ${runs[0]} ]]; then
 else
     log "no bench results"
     status=1
+fi
+# 4. the long set: the scaling sweep (bench/scaling.py, 1k to 1M nodes) on the GPU; the
+# dry run sweeps 1k and 10k on the CPU, one setting, into $OUT
+if ((LONG)); then
+    if ((DRY)); then
+        stage scaling 300 "$PY" bench/scaling.py --quick --settings plain --min-time 0.2 \
+            --out "$OUT/results/scaling"
+    else
+        stage scaling 600 "$PY" bench/scaling.py --device cuda
+    fi
+    tail -n 3 "$OUT/scaling.log" >> "$OUT/summary.log"
 fi
 log "done (exit $status)"
 exit $status
