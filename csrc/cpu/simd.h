@@ -51,27 +51,24 @@ FASTCORE_INLINE void for_n(int64_t n, Fn&& fn) {
 // guess; once the rows no longer fit the caches every read waits for DRAM. Asking for the
 // rows a few members ahead keeps several misses in flight. A prefetch never faults, but the
 // callers still only prefetch rows in range.
-FASTCORE_INLINE void prefetch_row(const void* p, int64_t bytes) {
+// Write: 0 for a row about to be read, 1 for one about to be read and written (an
+// accumulator row).
+template <int Write>
+FASTCORE_INLINE void prefetch_lines(const void* p, int64_t bytes) {
 #if defined(__GNUC__)
   const char* c = static_cast<const char*>(p);
   const int64_t stop = bytes < 1024 ? bytes : 1024;
-  for (int64_t b = 0; b < stop; b += 64) __builtin_prefetch(c + b, 0, 3);
+  for (int64_t b = 0; b < stop; b += 64) __builtin_prefetch(c + b, Write, 3);
 #else
   (void)p;
   (void)bytes;
 #endif
 }
 
-// The same for a row about to be read and written (an accumulator row).
+FASTCORE_INLINE void prefetch_row(const void* p, int64_t bytes) { prefetch_lines<0>(p, bytes); }
+
 FASTCORE_INLINE void prefetch_row_for_write(void* p, int64_t bytes) {
-#if defined(__GNUC__)
-  char* c = static_cast<char*>(p);
-  const int64_t stop = bytes < 1024 ? bytes : 1024;
-  for (int64_t b = 0; b < stop; b += 64) __builtin_prefetch(c + b, 1, 3);
-#else
-  (void)p;
-  (void)bytes;
-#endif
+  prefetch_lines<1>(p, bytes);
 }
 
 // Outputs at least this large are written with non-temporal (streaming) stores where a
