@@ -78,11 +78,13 @@ inline bool in_rows(int64_t m, int64_t size) {
 // accumulator row segment[i] (or 0): the sum inner loop of both loop orders. Returns
 // how many rows it folded in (rows outside [0, size) are skipped).
 // `ahead`: how many entries after rows[count - 1] may be read to prefetch (the members of
-// the next segments: rows is a window of one perm).
+// the next segments: rows is a window of one perm). `prefetch_acc`: by slab, prefetch the
+// accumulator rows (worth it only once they no longer fit the core's own caches).
 template <typename acc_t, typename scalar_t>
 FASTCORE_SIMD_CLONES int64_t add_rows(acc_t* acc, const scalar_t* base, const int64_t* rows,
                                       const int64_t* segment, int64_t first, int64_t count,
-                                      int64_t inner, int64_t size, int64_t ahead = 0) {
+                                      int64_t inner, int64_t size, int64_t ahead = 0,
+                                      bool prefetch_acc = false) {
   int64_t added = 0;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t m = rows ? rows[i] : first + i;
@@ -90,7 +92,7 @@ FASTCORE_SIMD_CLONES int64_t add_rows(acc_t* acc, const scalar_t* base, const in
       const int64_t next = rows[i + kPrefetchAhead];
       if (in_rows(next, size))
         prefetch_row(base + next * inner, inner * static_cast<int64_t>(sizeof(scalar_t)));
-    } else if (!rows && segment && i + kPrefetchAhead < count) {
+    } else if (prefetch_acc && i + kPrefetchAhead < count) {
       // By slab: the source streams; the accumulator rows are the scattered accesses.
       prefetch_row_for_write(acc + segment[i + kPrefetchAhead] * inner,
                              inner * static_cast<int64_t>(sizeof(acc_t)));
@@ -229,7 +231,8 @@ void segment_rows(const scalar_t* src, const int64_t* perm, const int64_t* ptr, 
             store_arg(arg + o * slab, pos, slab);
           } else {
             std::fill(acc, acc + slab, acc_t(0));
-            add_rows(acc, base, nullptr, segment_of.data(), 0, size, inner, size);
+            add_rows(acc, base, nullptr, segment_of.data(), 0, size, inner, size, 0,
+                     slab_bytes > kSlabBytes);
           }
           if (widen || R == Reduce::Mean) {
             for (int64_t r = 0; r < segments; ++r) {
