@@ -75,19 +75,33 @@ FASTCORE_INLINE void linear_rows(const scalar_t* h, const int64_t* at, const acc
   rows_times<R, HC>(rows_of<acc_t>(h, at), W, z, H, H);
 }
 
-// (mean, rstd) of one row z of H values.
-template <typename acc_t>
+// (mean, rstd) of one row z of H values. Ordered: the sums run in index order, as the
+// transposed float32 H = 8 kernels below sum each lane (a row's values in order), so that
+// a row gives the same bits in a block of 8 rows or on its own (the blocks depend on where
+// a thread's range starts: the result must not).
+template <bool Ordered, typename acc_t>
 FASTCORE_INLINE std::pair<acc_t, acc_t> row_stats(const acc_t* z, int64_t H, double eps) {
-  acc_t mean = 0;
+  acc_t mean = 0, var = 0;
+  if constexpr (Ordered) {
+    mean = z[0];
+    for (int64_t k = 1; k < H; ++k) mean += z[k];
+    mean /= static_cast<acc_t>(H);
+    var = (z[0] - mean) * (z[0] - mean);
+    for (int64_t k = 1; k < H; ++k) var += (z[k] - mean) * (z[k] - mean);
+  } else {
 #pragma omp simd reduction(+ : mean)
-  for (int64_t k = 0; k < H; ++k) mean += z[k];
-  mean /= static_cast<acc_t>(H);
-  acc_t var = 0;
+    for (int64_t k = 0; k < H; ++k) mean += z[k];
+    mean /= static_cast<acc_t>(H);
 #pragma omp simd reduction(+ : var)
-  for (int64_t k = 0; k < H; ++k) var += (z[k] - mean) * (z[k] - mean);
+    for (int64_t k = 0; k < H; ++k) var += (z[k] - mean) * (z[k] - mean);
+  }
   var /= static_cast<acc_t>(H);
   return {mean, acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps))};
 }
+
+// Whether the rows of this width go through the transposed kernels (and so the ordered sums).
+template <typename acc_t, int HC>
+constexpr bool kTransposed = std::is_same_v<acc_t, float> && HC == 8;
 
 template <int R, int HC, typename acc_t, typename scalar_t>
 FASTCORE_INLINE void forward_block(const scalar_t* h, const scalar_t* x, scalar_t* out,
@@ -100,12 +114,86 @@ FASTCORE_INLINE void forward_block(const scalar_t* h, const scalar_t* x, scalar_
   const acc_t* g = p.gamma + f * H;
   const acc_t* be = p.beta + f * H;
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
-    const auto [mean, rstd] = row_stats(z + r * H, H, eps);
+    const auto [mean, rstd] = row_stats<kTransposed<acc_t, HC>>(z + r * H, H, eps);
 #pragma omp simd
     for (int64_t k = 0; k < H; ++k) {
       const acc_t y = g[k] * (z[r * H + k] - mean) * rstd + be[k];
       out[at[r] + k] = static_cast<scalar_t>(static_cast<acc_t>(x[at[r] + k]) + s * y);
     }
+  });
+}
+
+// float32 with H = 8, blocks of 8 rows of one feature, "transposed": one vector holds a
+// value of all 8 rows, so the LayerNorm statistics are vertical adds and one sqrt per row,
+// where the row-at-a-time loops above reduce across the lanes of one vector per statistic.
+// The rows are loaded as vectors and transposed (8x8) in registers, the results transposed
+// back. The linear map adds the same terms in the same order as linear_rows; the mean and
+// variance sum a row's 8 values in index order (the loops above in the compiler's
+// vectorised order), so the results may differ from those in the last bits.
+using v8 = float __attribute__((vector_size(32)));
+using v8i = int __attribute__((vector_size(32)));
+using v8u = float __attribute__((vector_size(32), aligned(4), may_alias));  // unaligned
+
+FASTCORE_INLINE void transpose8(v8* r) {
+  const v8 t0 = __builtin_shuffle(r[0], r[1], v8i{0, 8, 1, 9, 4, 12, 5, 13});
+  const v8 t1 = __builtin_shuffle(r[0], r[1], v8i{2, 10, 3, 11, 6, 14, 7, 15});
+  const v8 t2 = __builtin_shuffle(r[2], r[3], v8i{0, 8, 1, 9, 4, 12, 5, 13});
+  const v8 t3 = __builtin_shuffle(r[2], r[3], v8i{2, 10, 3, 11, 6, 14, 7, 15});
+  const v8 t4 = __builtin_shuffle(r[4], r[5], v8i{0, 8, 1, 9, 4, 12, 5, 13});
+  const v8 t5 = __builtin_shuffle(r[4], r[5], v8i{2, 10, 3, 11, 6, 14, 7, 15});
+  const v8 t6 = __builtin_shuffle(r[6], r[7], v8i{0, 8, 1, 9, 4, 12, 5, 13});
+  const v8 t7 = __builtin_shuffle(r[6], r[7], v8i{2, 10, 3, 11, 6, 14, 7, 15});
+  const v8i lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const v8 s0 = __builtin_shuffle(t0, t2, lo2), s1 = __builtin_shuffle(t0, t2, hi2);
+  const v8 s2 = __builtin_shuffle(t1, t3, lo2), s3 = __builtin_shuffle(t1, t3, hi2);
+  const v8 s4 = __builtin_shuffle(t4, t6, lo2), s5 = __builtin_shuffle(t4, t6, hi2);
+  const v8 s6 = __builtin_shuffle(t5, t7, lo2), s7 = __builtin_shuffle(t5, t7, hi2);
+  const v8i lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+  r[0] = __builtin_shuffle(s0, s4, lo4);
+  r[1] = __builtin_shuffle(s1, s5, lo4);
+  r[2] = __builtin_shuffle(s2, s6, lo4);
+  r[3] = __builtin_shuffle(s3, s7, lo4);
+  r[4] = __builtin_shuffle(s0, s4, hi4);
+  r[5] = __builtin_shuffle(s1, s5, hi4);
+  r[6] = __builtin_shuffle(s2, s6, hi4);
+  r[7] = __builtin_shuffle(s3, s7, hi4);
+}
+
+// z[k] (lanes: the 8 rows) = b[k] + sum_j h[., j] W[j, k]; returns (mean, rstd) per lane.
+FASTCORE_INLINE void normalised8(const float* h, const int64_t* at, const float* W,
+                                 const float* b, double eps, v8* z, v8& mean, v8& rstd) {
+  v8 hc[8];
+  for_n<8>(8, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+    hc[r] = *reinterpret_cast<const v8u*>(h + at[r]);
+  });
+  transpose8(hc);  // hc[j]: value j of every row
+  for_n<8>(8, [&](int64_t k) FASTCORE_LAMBDA_INLINE { z[k] = v8{} + b[k]; });
+  for_n<8>(8, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
+    for_n<8>(8, [&](int64_t k) FASTCORE_LAMBDA_INLINE { z[k] += hc[j] * W[j * 8 + k]; });
+  });
+  v8 sum = z[0];
+  for_n<7>(7, [&](int64_t k) FASTCORE_LAMBDA_INLINE { sum += z[k + 1]; });
+  mean = sum / 8.0f;
+  v8 var = (z[0] - mean) * (z[0] - mean);
+  for_n<7>(7, [&](int64_t k) FASTCORE_LAMBDA_INLINE {
+    var += (z[k + 1] - mean) * (z[k + 1] - mean);
+  });
+  var /= 8.0f;
+  for (int l = 0; l < 8; ++l) rstd[l] = 1.0f / std::sqrt(var[l] + static_cast<float>(eps));
+}
+
+FASTCORE_INLINE void forward_block8(const float* h, const float* x, float* out,
+                                    const int64_t* at, const Params<float>& p, int64_t f,
+                                    float s, double eps) {
+  v8 z[8], mean, rstd = {};
+  normalised8(h, at, p.w + f * 64, p.b + f * 8, eps, z, mean, rstd);
+  const float* g = p.gamma + f * 8;
+  const float* be = p.beta + f * 8;
+  for_n<8>(8, [&](int64_t k) FASTCORE_LAMBDA_INLINE { z[k] = g[k] * (z[k] - mean) * rstd + be[k]; });
+  transpose8(z);  // z[r]: row r's y
+  for_n<8>(8, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+    const v8 xr = *reinterpret_cast<const v8u*>(x + at[r]);
+    *reinterpret_cast<v8u*>(out + at[r]) = xr + s * z[r];
   });
 }
 
@@ -120,8 +208,13 @@ FASTCORE_SIMD_CLONES void forward_rows(const scalar_t* h, const scalar_t* x,
   const acc_t s = static_cast<acc_t>(scale);
   for_row_blocks<R>(d.features, d.hidden, begin, end,
                     [&](auto rows, const int64_t* at, int64_t f) FASTCORE_LAMBDA_INLINE {
-                      forward_block<decltype(rows)::value, HC>(h, x, out, at, p, f,
-                                                               scratch.data(), d.hidden, s, eps);
+                      if constexpr (std::is_same_v<scalar_t, float> && HC == 8 &&
+                                    decltype(rows)::value == 8) {
+                        forward_block8(h, x, out, at, p, f, s, eps);
+                      } else {
+                        forward_block<decltype(rows)::value, HC>(
+                            h, x, out, at, p, f, scratch.data(), d.hidden, s, eps);
+                      }
                     });
 }
 
@@ -149,10 +242,9 @@ FASTCORE_INLINE void backward_block(const scalar_t* grad, const scalar_t* h, sca
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
     acc_t* zr = z + r * H;
     acc_t* dzr = dz + r * H;
-    const auto [mean, rstd] = row_stats(zr, H, eps);
+    const auto [mean, rstd] = row_stats<kTransposed<acc_t, HC>>(zr, H, eps);
     acc_t dn_mean = 0, dn_n_mean = 0;
-#pragma omp simd reduction(+ : dn_mean, dn_n_mean)
-    for (int64_t k = 0; k < H; ++k) {
+    auto step = [&](int64_t k) FASTCORE_LAMBDA_INLINE {
       const acc_t n = (zr[k] - mean) * rstd;
       const acc_t dy = s * static_cast<acc_t>(grad[at[r] + k]);
       dgamma[k] += dy * n;
@@ -162,6 +254,12 @@ FASTCORE_INLINE void backward_block(const scalar_t* grad, const scalar_t* h, sca
       dn_mean += dn;
       dn_n_mean += dn * n;
       zr[k] = n;  // keep the normalised value
+    };
+    if constexpr (kTransposed<acc_t, HC>) {
+      for (int64_t k = 0; k < H; ++k) step(k);  // in index order, as backward_block8
+    } else {
+#pragma omp simd reduction(+ : dn_mean, dn_n_mean)
+      for (int64_t k = 0; k < H; ++k) step(k);
     }
     dn_mean /= static_cast<acc_t>(H);
     dn_n_mean /= static_cast<acc_t>(H);
@@ -184,6 +282,68 @@ FASTCORE_INLINE void backward_block(const scalar_t* grad, const scalar_t* h, sca
   add_outer<R, HC>(rows_of<acc_t>(h, at), dz, dW, H, H);
 }
 
+// backward_block for float32, H = 8 and 8 rows, transposed as forward_block8: the
+// statistics and the LayerNorm backward with one vector per value of all 8 rows; the
+// parameter gradients are added row by row in row order as backward_block adds them (n,
+// dy and dz transposed back to rows first), so a row gives the same bits either way.
+FASTCORE_INLINE void backward_block8(const float* grad, const float* h, float* dh,
+                                     const int64_t* at, const Params<float>& p,
+                                     const Grads<float>& q, int64_t f, float s, double eps) {
+  v8 z[8], mean, rstd = {};
+  normalised8(h, at, p.w + f * 64, p.b + f * 8, eps, z, mean, rstd);
+  v8 dy[8];
+  for_n<8>(8, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+    dy[r] = *reinterpret_cast<const v8u*>(grad + at[r]);
+  });
+  transpose8(dy);
+  const float* gf = p.gamma + f * 8;
+  v8 dz[8], dn_mean = {}, dn_n_mean = {};
+  for_n<8>(8, [&](int64_t k) FASTCORE_LAMBDA_INLINE {
+    z[k] = (z[k] - mean) * rstd;  // the normalised n
+    dy[k] = s * dy[k];
+    dz[k] = dy[k] * gf[k];  // dn
+    dn_mean += dz[k];
+    dn_n_mean += dz[k] * z[k];
+  });
+  dn_mean /= 8.0f;
+  dn_n_mean /= 8.0f;
+  for_n<8>(8, [&](int64_t k) FASTCORE_LAMBDA_INLINE {
+    dz[k] = rstd * (dz[k] - dn_mean - z[k] * dn_n_mean);
+  });
+  // dh[., c] = sum_j dz[., j] W[c, j] (W's transpose Wt[j, c]), j in order
+  const float* Wt = p.wt + f * 64;
+  v8 o[8];
+  for_n<8>(8, [&](int64_t c) FASTCORE_LAMBDA_INLINE { o[c] = v8{}; });
+  for_n<8>(8, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
+    for_n<8>(8, [&](int64_t c) FASTCORE_LAMBDA_INLINE { o[c] += dz[j] * Wt[j * 8 + c]; });
+  });
+  transpose8(o);
+  for_n<8>(8, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+    *reinterpret_cast<v8u*>(dh + at[r]) = o[r];
+  });
+  // the parameter gradients, rows in order
+  transpose8(z);
+  transpose8(dy);
+  transpose8(dz);
+  v8 dgamma = *reinterpret_cast<const v8u*>(q.gamma + f * 8);
+  v8 dbeta = *reinterpret_cast<const v8u*>(q.beta + f * 8);
+  v8 db = *reinterpret_cast<const v8u*>(q.b + f * 8);
+  for_n<8>(8, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+    dgamma += dy[r] * z[r];
+    dbeta += dy[r];
+  });
+  for_n<8>(8, [&](int64_t r) FASTCORE_LAMBDA_INLINE { db += dz[r]; });
+  *reinterpret_cast<v8u*>(q.gamma + f * 8) = dgamma;
+  *reinterpret_cast<v8u*>(q.beta + f * 8) = dbeta;
+  *reinterpret_cast<v8u*>(q.b + f * 8) = db;
+  float* dW = q.w + f * 64;
+  for_n<8>(8, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
+    v8 row = *reinterpret_cast<const v8u*>(dW + j * 8);
+    for_n<8>(8, [&](int64_t r) FASTCORE_LAMBDA_INLINE { row += h[at[r] + j] * dz[r]; });
+    *reinterpret_cast<v8u*>(dW + j * 8) = row;
+  });
+}
+
 // Rows [begin, end): dh, and the parameter gradients added into part (float64), laid out
 // as Grads.
 template <typename scalar_t, int HC>
@@ -203,8 +363,13 @@ FASTCORE_SIMD_CLONES void backward_rows(const scalar_t* grad, const scalar_t* h,
   const acc_t s = static_cast<acc_t>(scale);
   for_row_blocks<R>(F, H, begin, end,
                     [&](auto rows, const int64_t* at, int64_t f) FASTCORE_LAMBDA_INLINE {
-                      backward_block<decltype(rows)::value, HC>(grad, h, dh, at, p, q, f,
-                                                                scratch.data(), H, s, eps);
+                      if constexpr (std::is_same_v<scalar_t, float> && HC == 8 &&
+                                    decltype(rows)::value == 8) {
+                        backward_block8(grad, h, dh, at, p, q, f, s, eps);
+                      } else {
+                        backward_block<decltype(rows)::value, HC>(grad, h, dh, at, p, q, f,
+                                                                  scratch.data(), H, s, eps);
+                      }
                     });
   for (int64_t j = 0; j < size; ++j) part[j] += static_cast<double>(local[j]);
 }

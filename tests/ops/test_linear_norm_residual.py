@@ -142,3 +142,24 @@ def test_bad_input_is_named():
         ops.linear_norm_residual(h, x, weight, bias, gamma.double(), beta, 0.5)
     with pytest.raises(ValueError, match=r"h must be \(\.\.\., F, H\)"):
         ops.linear_norm_residual(h[0, 0, 0], x, weight, bias, gamma, beta, 0.5)
+
+
+def test_rows_same_bits_in_a_block_or_alone():
+    # float32 with H = 8 goes through transposed kernels in blocks of 8 rows, the rows left
+    # over one at a time: a row must give the same bits either way, forward and backward
+    # (where a block starts depends on the thread count's split of the rows).
+    if not torch.ops.fastcore.linear_norm_residual.default.has_kernel_for_dispatch_key("CPU"):
+        pytest.skip("needs the compiled CPU kernels")
+    h, x, weight, bias, gamma, beta = inputs((11, 5, 8), torch.float32, seed=60)
+    grad = randn((11, 5, 8), torch.float32, "cpu", 67)
+    backward = torch.ops.fastcore.linear_norm_residual_backward.default
+    with use_backend("cpu"):
+        out = ops.linear_norm_residual(h, x, weight, bias, gamma, beta, 0.5)
+        dh = backward(grad, h, weight, bias, gamma, 0.5, 1e-5)[0]
+        for m in range(11):
+            one = ops.linear_norm_residual(
+                h[m : m + 1], x[m : m + 1], weight, bias, gamma, beta, 0.5
+            )
+            assert torch.equal(out[m : m + 1], one), m
+            one_dh = backward(grad[m : m + 1], h[m : m + 1], weight, bias, gamma, 0.5, 1e-5)[0]
+            assert torch.equal(dh[m : m + 1], one_dh), m
