@@ -134,29 +134,38 @@ using v8 = float __attribute__((vector_size(32)));
 using v8i = int __attribute__((vector_size(32)));
 using v8u = float __attribute__((vector_size(32), aligned(4), may_alias));  // unaligned
 
+// c[i] = (a then b)[I_i]: __builtin_shufflevector (Clang; GCC from 12), else GCC's
+// __builtin_shuffle. Always inlined into the kernels' per-ISA clones, so the note GCC makes
+// about passing a 32-byte vector without AVX (-Wpsabi) concerns no real call.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+template <int... I>
+FASTCORE_INLINE v8 shuffle8(v8 a, v8 b) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+  return __builtin_shufflevector(a, b, I...);
+#else
+  return __builtin_shuffle(a, b, v8i{I...});
+#endif
+}
+
 FASTCORE_INLINE void transpose8(v8* r) {
-  const v8 t0 = __builtin_shuffle(r[0], r[1], v8i{0, 8, 1, 9, 4, 12, 5, 13});
-  const v8 t1 = __builtin_shuffle(r[0], r[1], v8i{2, 10, 3, 11, 6, 14, 7, 15});
-  const v8 t2 = __builtin_shuffle(r[2], r[3], v8i{0, 8, 1, 9, 4, 12, 5, 13});
-  const v8 t3 = __builtin_shuffle(r[2], r[3], v8i{2, 10, 3, 11, 6, 14, 7, 15});
-  const v8 t4 = __builtin_shuffle(r[4], r[5], v8i{0, 8, 1, 9, 4, 12, 5, 13});
-  const v8 t5 = __builtin_shuffle(r[4], r[5], v8i{2, 10, 3, 11, 6, 14, 7, 15});
-  const v8 t6 = __builtin_shuffle(r[6], r[7], v8i{0, 8, 1, 9, 4, 12, 5, 13});
-  const v8 t7 = __builtin_shuffle(r[6], r[7], v8i{2, 10, 3, 11, 6, 14, 7, 15});
-  const v8i lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
-  const v8 s0 = __builtin_shuffle(t0, t2, lo2), s1 = __builtin_shuffle(t0, t2, hi2);
-  const v8 s2 = __builtin_shuffle(t1, t3, lo2), s3 = __builtin_shuffle(t1, t3, hi2);
-  const v8 s4 = __builtin_shuffle(t4, t6, lo2), s5 = __builtin_shuffle(t4, t6, hi2);
-  const v8 s6 = __builtin_shuffle(t5, t7, lo2), s7 = __builtin_shuffle(t5, t7, hi2);
-  const v8i lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
-  r[0] = __builtin_shuffle(s0, s4, lo4);
-  r[1] = __builtin_shuffle(s1, s5, lo4);
-  r[2] = __builtin_shuffle(s2, s6, lo4);
-  r[3] = __builtin_shuffle(s3, s7, lo4);
-  r[4] = __builtin_shuffle(s0, s4, hi4);
-  r[5] = __builtin_shuffle(s1, s5, hi4);
-  r[6] = __builtin_shuffle(s2, s6, hi4);
-  r[7] = __builtin_shuffle(s3, s7, hi4);
+  v8 t[8], u[8];
+  for_n<4>(4, [&](int64_t i) FASTCORE_LAMBDA_INLINE {  // rows 2i, 2i+1 interleaved
+    t[2 * i] = shuffle8<0, 8, 1, 9, 4, 12, 5, 13>(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = shuffle8<2, 10, 3, 11, 6, 14, 7, 15>(r[2 * i], r[2 * i + 1]);
+  });
+  for_n<2>(2, [&](int64_t i) FASTCORE_LAMBDA_INLINE {  // pairs of pairs
+    const int64_t a = 4 * i;
+    u[a] = shuffle8<0, 1, 8, 9, 4, 5, 12, 13>(t[a], t[a + 2]);
+    u[a + 1] = shuffle8<2, 3, 10, 11, 6, 7, 14, 15>(t[a], t[a + 2]);
+    u[a + 2] = shuffle8<0, 1, 8, 9, 4, 5, 12, 13>(t[a + 1], t[a + 3]);
+    u[a + 3] = shuffle8<2, 3, 10, 11, 6, 7, 14, 15>(t[a + 1], t[a + 3]);
+  });
+  for_n<4>(4, [&](int64_t j) FASTCORE_LAMBDA_INLINE {  // 128-bit halves
+    r[j] = shuffle8<0, 1, 2, 3, 8, 9, 10, 11>(u[j], u[j + 4]);
+    r[j + 4] = shuffle8<4, 5, 6, 7, 12, 13, 14, 15>(u[j], u[j + 4]);
+  });
 }
 
 // z[k] (lanes: the 8 rows) = b[k] + sum_j h[., j] W[j, k]; returns (mean, rstd) per lane.
