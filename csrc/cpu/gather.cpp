@@ -48,29 +48,14 @@ void gather_range(const char* src, const index_t* index, char* out, const Fold& 
   if (stream) stream_fence();
 }
 
-// Source slabs at least this large are read by all threads together, one slab after the
-// other: the rows each slab's output reads again stay in the shared cache, where threads on
-// different slabs would each bring their own.
-// Unpooling at (2, 1M) (two 51 MB parent slabs) on the 2-core CPU: 45-50 ms -> 35-39 ms.
-constexpr int64_t kSharedSlabBytes = 4 << 20;
-
 template <typename index_t>
 void gather_rows(const char* src, const index_t* index, char* out, const Fold& f, int64_t rows_out,
                  int64_t row_bytes) {
   const int64_t total = f.outer * rows_out;
   const bool stream = can_stream(out, row_bytes, total * row_bytes);
-  auto rows = [&](int64_t first, int64_t count) {
-    at::parallel_for(first, first + count, row_grain(count, row_bytes),
-                     [&](int64_t begin, int64_t end) {
-                       gather_range(src, index, out, f, rows_out, row_bytes, stream, begin, end);
-                     });
-  };
-  const int64_t slab_bytes = f.size * row_bytes;
-  if (f.outer > 1 && slab_bytes >= kSharedSlabBytes) {
-    for (int64_t o = 0; o < f.outer; ++o) rows(o * rows_out, rows_out);
-  } else {
-    rows(0, total);
-  }
+  at::parallel_for(0, total, row_grain(total, row_bytes), [&](int64_t begin, int64_t end) {
+    gather_range(src, index, out, f, rows_out, row_bytes, stream, begin, end);
+  });
 }
 
 at::Tensor gather_cpu(const at::Tensor& src, const at::Tensor& index, int64_t dim, bool check) {
