@@ -16,8 +16,8 @@ forward+backward.
 
 Every op's time is the median of repeated calls after a warm-up, each call allocating its
 output as user code does; the op, its baseline and the copy run in interleaved rounds, so
-the three see the same machine (on a shared VM the bandwidth drifts over seconds). "% copy" is the op's minimal traffic (bytes read + written once)
-over its time, as a fraction of the bandwidth of ``copy_`` of the same input into a
+the three see the same machine (on a shared VM the bandwidth drifts over seconds). "% copy"
+is the op's minimal traffic (bytes read + written once) over its time, as a fraction of the bandwidth of ``copy_`` of the same input into a
 preallocated tensor at that size (the machine's bandwidth, no allocation: the ops pay for
 their output's, so the plain setting's page faults count against them).
 
@@ -99,18 +99,16 @@ def measure(bt: int, n: int, min_time: float) -> list[dict]:
         torch.stack([edge_index[1], edge_index[0]]), weight, (n, n)
     ).to_sparse_csr()
     x_rows = x.permute(1, 0, 2).reshape(n, bt * H).contiguous()  # the baseline's layout
-    xg = x.clone().requires_grad_()
-    xg_rows = x_rows.clone().requires_grad_()
     grad_y = torch.randn(bt, n, H, generator=g)
     grad_rows = grad_y.permute(1, 0, 2).reshape(n, bt * H).contiguous()
     if DEVICE.type != "cpu":  # built on the CPU from the same seed, then moved
-        x, index, perm, ptr, counts, pooled, weight = (
-            t.to(DEVICE) for t in (x, index, perm, ptr, counts, pooled, weight)
+        x, index, perm, ptr, counts, pooled, weight, x_rows, grad_y, grad_rows = (
+            t.to(DEVICE)
+            for t in (x, index, perm, ptr, counts, pooled, weight, x_rows, grad_y, grad_rows)
         )
         graph, adjacency = graph.to(DEVICE), adjacency.to(DEVICE)
-        x_rows, grad_y, grad_rows = (t.to(DEVICE) for t in (x_rows, grad_y, grad_rows))
-        xg = x.clone().requires_grad_()
-        xg_rows = x_rows.clone().requires_grad_()
+    xg = x.clone().requires_grad_()
+    xg_rows = x_rows.clone().requires_grad_()
 
     in_bytes, pooled_bytes = x.nbytes, pooled.nbytes
     idx_bytes = 8 * n

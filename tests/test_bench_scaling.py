@@ -9,18 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastcore
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-scaling = pytest.importorskip("scaling")
+import scaling
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # gpu: skipped without CUDA
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_sweep_rows_and_report(tmp_path, monkeypatch, device):
-    if device == "cpu" and not fastcore.backends()["cpu"]:
-        pytest.skip("needs the compiled CPU kernels")
     monkeypatch.setattr(scaling, "DEVICE", torch.device(device))
     rows = scaling.measure(2, 500, min_time=0.0)
     assert [r["op"] for r in rows] == [

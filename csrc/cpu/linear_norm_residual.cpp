@@ -99,9 +99,10 @@ FASTCORE_INLINE std::pair<acc_t, acc_t> row_stats(const acc_t* z, int64_t H, dou
   return {mean, acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps))};
 }
 
-// Whether the rows of this width go through the transposed kernels (and so the ordered sums).
-template <typename acc_t, int HC>
-constexpr bool kTransposed = std::is_same_v<acc_t, float> && HC == 8;
+// Whether rows of this type and width go through the transposed kernels in blocks of 8 (and
+// so every row, in a block or not, through the ordered sums).
+template <typename scalar_t, int HC>
+constexpr bool kTransposed = std::is_same_v<scalar_t, float> && HC == 8;
 
 template <int R, int HC, typename acc_t, typename scalar_t>
 FASTCORE_INLINE void forward_block(const scalar_t* h, const scalar_t* x, scalar_t* out,
@@ -114,7 +115,7 @@ FASTCORE_INLINE void forward_block(const scalar_t* h, const scalar_t* x, scalar_
   const acc_t* g = p.gamma + f * H;
   const acc_t* be = p.beta + f * H;
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
-    const auto [mean, rstd] = row_stats<kTransposed<acc_t, HC>>(z + r * H, H, eps);
+    const auto [mean, rstd] = row_stats<kTransposed<scalar_t, HC>>(z + r * H, H, eps);
 #pragma omp simd
     for (int64_t k = 0; k < H; ++k) {
       const acc_t y = g[k] * (z[r * H + k] - mean) * rstd + be[k];
@@ -217,8 +218,7 @@ FASTCORE_SIMD_CLONES void forward_rows(const scalar_t* h, const scalar_t* x,
   const acc_t s = static_cast<acc_t>(scale);
   for_row_blocks<R>(d.features, d.hidden, begin, end,
                     [&](auto rows, const int64_t* at, int64_t f) FASTCORE_LAMBDA_INLINE {
-                      if constexpr (std::is_same_v<scalar_t, float> && HC == 8 &&
-                                    decltype(rows)::value == 8) {
+                      if constexpr (kTransposed<scalar_t, HC> && decltype(rows)::value == 8) {
                         forward_block8(h, x, out, at, p, f, s, eps);
                       } else {
                         forward_block<decltype(rows)::value, HC>(
@@ -251,7 +251,7 @@ FASTCORE_INLINE void backward_block(const scalar_t* grad, const scalar_t* h, sca
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
     acc_t* zr = z + r * H;
     acc_t* dzr = dz + r * H;
-    const auto [mean, rstd] = row_stats<kTransposed<acc_t, HC>>(zr, H, eps);
+    const auto [mean, rstd] = row_stats<kTransposed<scalar_t, HC>>(zr, H, eps);
     acc_t dn_mean = 0, dn_n_mean = 0;
     auto step = [&](int64_t k) FASTCORE_LAMBDA_INLINE {
       const acc_t n = (zr[k] - mean) * rstd;
@@ -264,7 +264,7 @@ FASTCORE_INLINE void backward_block(const scalar_t* grad, const scalar_t* h, sca
       dn_n_mean += dn * n;
       zr[k] = n;  // keep the normalised value
     };
-    if constexpr (kTransposed<acc_t, HC>) {
+    if constexpr (kTransposed<scalar_t, HC>) {
       for (int64_t k = 0; k < H; ++k) step(k);  // in index order, as backward_block8
     } else {
 #pragma omp simd reduction(+ : dn_mean, dn_n_mean)
@@ -372,8 +372,7 @@ FASTCORE_SIMD_CLONES void backward_rows(const scalar_t* grad, const scalar_t* h,
   const acc_t s = static_cast<acc_t>(scale);
   for_row_blocks<R>(F, H, begin, end,
                     [&](auto rows, const int64_t* at, int64_t f) FASTCORE_LAMBDA_INLINE {
-                      if constexpr (std::is_same_v<scalar_t, float> && HC == 8 &&
-                                    decltype(rows)::value == 8) {
+                      if constexpr (kTransposed<scalar_t, HC> && decltype(rows)::value == 8) {
                         backward_block8(grad, h, dh, at, p, q, f, s, eps);
                       } else {
                         backward_block<decltype(rows)::value, HC>(grad, h, dh, at, p, q, f,

@@ -222,8 +222,6 @@ def test_cpu_loop_orders_same_bits(order, reduce, size):
     # ascending; otherwise by segment. One slab at a time always goes by segment: the 8
     # slabs at once must give exactly its bits, whichever order the CSR lists (reversed
     # members keep the by-segment order, in which the sum's bits differ).
-    if "cpu" not in fastcore.testing.backends_for("segment", "cpu"):
-        pytest.skip("needs the compiled CPU kernels")
     segments = size // 4
     src = randn((8, size, 64), torch.float32, "cpu", seed=21)
     index = randint(segments, (size,), torch.int64, "cpu", seed=22)
@@ -251,8 +249,6 @@ def test_cpu_streamed_output(reduce):
     # A by-segment reduction whose output is 32 MB or more is accumulated row by row and
     # streamed out. Small integer values keep every sum exact, so the result must equal
     # index_add_'s bit for bit (and the mean its division), empty segments zero.
-    if "cpu" not in fastcore.testing.backends_for("segment", "cpu"):
-        pytest.skip("needs the compiled CPU kernels")
     segments, size = 140_000, 200_000  # 140k x 64 float32 = 36 MB out
     src = randint(8, (1, size, 64), torch.int64, "cpu", seed=41).float()
     index = randint(segments, (size,), torch.int64, "cpu", seed=42)
