@@ -105,6 +105,45 @@ FASTCORE_INLINE void gelu_and_slope(double z, double& value, double& slope) {
   slope = cdf + z * 0.39894228040143268 * std::exp(-0.5 * z * z);
 }
 
+// The same two functions on eight floats at once, operation for operation (the float
+// kernels' loops above are these, vectorised by the compiler), so both give the same bits.
+FASTCORE_INLINE v8 exp_nonpositive8(v8 x) {
+  const v8i keep = x >= -87.0f;  // lanes: -1 where x >= -87
+  x = reinterpret_cast<v8>((reinterpret_cast<v8i>(x) & keep) |
+                           (std::bit_cast<int32_t>(-87.0f) & ~keep));
+  const v8 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const v8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  v8 p = v8{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const v8i scale = (__builtin_convertvector(n, v8i) + 127) << 23;
+  return p * reinterpret_cast<v8>(scale);
+}
+
+template <bool SLOPE>
+FASTCORE_INLINE void gelu_and_slope8(v8 z, v8& value, v8& slope) {
+  constexpr int32_t kSign = std::bit_cast<int32_t>(-0.0f);
+  const v8 a = z * 0.70710678118654752f;
+  const v8 e = exp_nonpositive8(-a * a);
+  const v8 abs_a = reinterpret_cast<v8>(reinterpret_cast<v8i>(a) & ~kSign);
+  const v8 t = 1.0f / (1.0f + 0.3275911f * abs_a);
+  v8 q = v8{} + 1.061405429f;
+  q = q * t - 1.453152027f;
+  q = q * t + 1.421413741f;
+  q = q * t - 0.284496736f;
+  q = q * t + 0.254829592f;
+  const v8 erf_abs = 1.0f - q * t * e;
+  const v8 erf = reinterpret_cast<v8>((reinterpret_cast<v8i>(erf_abs) & ~kSign) |
+                                      (reinterpret_cast<v8i>(a) & kSign));  // copysign
+  const v8 cdf = 0.5f + 0.5f * erf;
+  value = z * cdf;
+  if constexpr (SLOPE) slope = cdf + z * 0.39894228040143268f * e;
+}
+
 template <typename acc_t>
 struct Weights {
   const acc_t *w1, *b1, *w2, *b2;  // [F, H, K], [F, K], [F, K, H], [F, H]
@@ -131,10 +170,65 @@ FASTCORE_INLINE void hidden_layer(const scalar_t* h, const int64_t* at, const ac
   }
 }
 
+// Which kernels take the vector path below.
+template <typename scalar_t, int HC, int KC>
+constexpr bool kVectors8 = std::is_same_v<scalar_t, float> && HC == 8 && KC > 0 && KC % 8 == 0;
+
+// float32 with H = 8 and K = 8 KV: a block's values held as vectors in registers (one row
+// of H, or eight of a row's K), the matmuls as broadcast-times-row multiply-adds. Every
+// value is the same sum, in the same order, as in the general loops below (which spill
+// their block arrays to the stack between multiply-adds).
+// z[r][v] = b1[8v:8v+8] + sum_j h[r, j] W1[j, 8v:8v+8], j in order.
+template <int R, int KV>
+FASTCORE_INLINE void hidden8(const float* h, const int64_t* at, const float* W1, const float* b1,
+                             v8 (&z)[R][KV]) {
+  constexpr int K = 8 * KV;
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+    for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { z[r][v] = load8(b1 + 8 * v); });
+  });
+  for_n<8>(8, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
+    v8 w[KV];
+    for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { w[v] = load8(W1 + j * K + 8 * v); });
+    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+      const float x = h[at[r] + j];
+      for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { z[r][v] += x * w[v]; });
+    });
+  });
+}
+
+template <int R, int KV>
+FASTCORE_INLINE void forward_block8(const float* h, float* out, const int64_t* at,
+                                    const Weights<float>& w, int64_t f) {
+  constexpr int K = 8 * KV;
+  v8 z[R][KV];
+  hidden8<R, KV>(h, at, w.w1 + f * 8 * K, w.b1 + f * K, z);
+  alignas(32) float u[R][K];  // read back one value at a time (broadcasts)
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+    for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE {
+      v8 value, unused;
+      gelu_and_slope8<false>(z[r][v], value, unused);
+      store8(u[r] + 8 * v, value);
+    });
+  });
+  const float* W2 = w.w2 + f * K * 8;
+  const v8 b2 = load8(w.b2 + f * 8);
+  v8 o[R];
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE { o[r] = load8(h + at[r]) + b2; });
+  for_n<K>(K, [&](int64_t k) FASTCORE_LAMBDA_INLINE {
+    const v8 row = load8(W2 + k * 8);
+    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE { o[r] += u[r][k] * row; });
+  });
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE { store8(out + at[r], o[r]); });
+}
+
 template <int R, int HC, int KC, typename acc_t, typename scalar_t>
 FASTCORE_INLINE void forward_block(const scalar_t* h, scalar_t* out, const int64_t* at,
                                    const Weights<acc_t>& w, int64_t f, acc_t* scratch,
                                    int64_t H_, int64_t K_) {
+  if constexpr (kVectors8<scalar_t, HC, KC>) {
+    forward_block8<R, KC / 8>(h, out, at, w, f);
+    return;
+  }
   const int64_t H = HC > 0 ? HC : H_, K = KC > 0 ? KC : K_;
   BlockArrays<(HC > 0 ? R * (KC + HC) : 0), acc_t> arrays;
   acc_t* u = arrays.get(scratch);
@@ -163,7 +257,7 @@ FASTCORE_SIMD_CLONES void forward_rows(const scalar_t* h, const Weights<at::opma
                     [&](auto rows, const int64_t* at, int64_t f) FASTCORE_LAMBDA_INLINE {
                       forward_block<decltype(rows)::value, HC, KC>(
                           h, out, at, w, f, scratch.data(), d.hidden, d.inner);
-                    });
+                    }, h);
 }
 
 // The parameter gradients of a tile, in acc_t: [dW1 (F H K) | db1 (F K) | dW2 (F K H) |
@@ -173,11 +267,90 @@ struct Grads {
   acc_t *w1, *b1, *w2, *b2;
 };
 
+// The backward of forward_block8, with the parameter gradients added into p row by row in
+// order, as backward_block does.
+template <int R, int KV>
+FASTCORE_INLINE void backward_block8(const float* grad, const float* h, float* dh,
+                                     const int64_t* at, const Weights<float>& w,
+                                     const Grads<float>& p, int64_t f) {
+  constexpr int K = 8 * KV;
+  v8 z[R][KV];
+  hidden8<R, KV>(h, at, w.w1 + f * 8 * K, w.b1 + f * K, z);
+  alignas(32) float u[R][K];  // gelu(z), read back one value at a time (dW2)
+  v8 slope[R][KV];
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+    for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE {
+      v8 value;
+      gelu_and_slope8<true>(z[r][v], value, slope[r][v]);
+      store8(u[r] + 8 * v, value);
+    });
+  });
+  v8 g[R];
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE { g[r] = load8(grad + at[r]); });
+  // dz = (W2 g) * gelu'(z), through W2's transpose [8, K], i in order
+  const float* W2t = w.w2t + f * 8 * K;
+  v8 dz[R][KV];
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+    for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { dz[r][v] = v8{}; });
+  });
+  for_n<8>(8, [&](int64_t i) FASTCORE_LAMBDA_INLINE {
+    v8 row[KV];
+    for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { row[v] = load8(W2t + i * K + 8 * v); });
+    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+      const float x = grad[at[r] + i];
+      for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { dz[r][v] += x * row[v]; });
+    });
+  });
+  alignas(32) float dzs[R][K];  // dz, read back one value at a time (dh)
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+    for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE {
+      dz[r][v] *= slope[r][v];
+      store8(dzs[r] + 8 * v, dz[r][v]);
+    });
+  });
+  // dh = g + W1 dz through W1's transpose [K, 8], k in order; dW2[k] += u[., k] g, rows in order
+  const float* W1t = w.w1t + f * K * 8;
+  float* dW2 = p.w2 + f * K * 8;
+  v8 o[R];
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE { o[r] = g[r]; });
+  for_n<K>(K, [&](int64_t k) FASTCORE_LAMBDA_INLINE {
+    const v8 row = load8(W1t + k * 8);
+    v8 acc = load8(dW2 + k * 8);
+    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+      o[r] += dzs[r][k] * row;
+      acc += u[r][k] * g[r];
+    });
+    store8(dW2 + k * 8, acc);
+  });
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE { store8(dh + at[r], o[r]); });
+  // dW1[j] += h[., j] dz, db1 += dz, db2 += g, rows in order
+  float* dW1 = p.w1 + f * 8 * K;
+  for_n<8>(8, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
+    for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE {
+      v8 acc = load8(dW1 + j * K + 8 * v);
+      for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE { acc += h[at[r] + j] * dz[r][v]; });
+      store8(dW1 + j * K + 8 * v, acc);
+    });
+  });
+  v8 db1[KV], db2 = load8(p.b2 + f * 8);
+  for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { db1[v] = load8(p.b1 + f * K + 8 * v); });
+  for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+    for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { db1[v] += dz[r][v]; });
+    db2 += g[r];
+  });
+  for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { store8(p.b1 + f * K + 8 * v, db1[v]); });
+  store8(p.b2 + f * 8, db2);
+}
+
 template <int R, int HC, int KC, typename acc_t, typename scalar_t>
 FASTCORE_INLINE void backward_block(const scalar_t* grad, const scalar_t* h, scalar_t* dh,
                                     const int64_t* at, const Weights<acc_t>& w,
                                     const Grads<acc_t>& p, int64_t f, acc_t* scratch,
                                     int64_t H_, int64_t K_) {
+  if constexpr (kVectors8<scalar_t, HC, KC>) {
+    backward_block8<R, KC / 8>(grad, h, dh, at, w, p, f);
+    return;
+  }
   const int64_t H = HC > 0 ? HC : H_, K = KC > 0 ? KC : K_;
   BlockArrays<(HC > 0 ? R * (3 * KC + 2 * HC) : 0), acc_t> arrays;
   acc_t* u = arrays.get(scratch);
@@ -239,7 +412,7 @@ FASTCORE_SIMD_CLONES void backward_rows(const scalar_t* grad, const scalar_t* h,
                     [&](auto rows, const int64_t* at, int64_t f) FASTCORE_LAMBDA_INLINE {
                       backward_block<decltype(rows)::value, HC, KC>(grad, h, dh, at, w, p, f,
                                                                     scratch.data(), H, K);
-                    });
+                    }, grad, h);
   for (int64_t j = 0; j < size; ++j) part[j] += static_cast<double>(local[j]);
 }
 

@@ -131,50 +131,13 @@ FASTCORE_INLINE void forward_block(const scalar_t* h, const scalar_t* x, scalar_
 // back. The linear map adds the same terms in the same order as linear_rows; the mean and
 // variance sum a row's 8 values in index order (the loops above in the compiler's
 // vectorised order), so the results may differ from those in the last bits.
-using v8 = float __attribute__((vector_size(32)));
-using v8i = int __attribute__((vector_size(32)));
-using v8u = float __attribute__((vector_size(32), aligned(4), may_alias));  // unaligned
-
-// c[i] = (a then b)[I_i]: __builtin_shufflevector (Clang; GCC from 12), else GCC's
-// __builtin_shuffle. Always inlined into the kernels' per-ISA clones, so the note GCC makes
-// about passing a 32-byte vector without AVX (-Wpsabi) concerns no real call.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-template <int... I>
-FASTCORE_INLINE v8 shuffle8(v8 a, v8 b) {
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-  return __builtin_shufflevector(a, b, I...);
-#else
-  return __builtin_shuffle(a, b, v8i{I...});
-#endif
-}
-
-FASTCORE_INLINE void transpose8(v8* r) {
-  v8 t[8], u[8];
-  for_n<4>(4, [&](int64_t i) FASTCORE_LAMBDA_INLINE {  // rows 2i, 2i+1 interleaved
-    t[2 * i] = shuffle8<0, 8, 1, 9, 4, 12, 5, 13>(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = shuffle8<2, 10, 3, 11, 6, 14, 7, 15>(r[2 * i], r[2 * i + 1]);
-  });
-  for_n<2>(2, [&](int64_t i) FASTCORE_LAMBDA_INLINE {  // pairs of pairs
-    const int64_t a = 4 * i;
-    u[a] = shuffle8<0, 1, 8, 9, 4, 5, 12, 13>(t[a], t[a + 2]);
-    u[a + 1] = shuffle8<2, 3, 10, 11, 6, 7, 14, 15>(t[a], t[a + 2]);
-    u[a + 2] = shuffle8<0, 1, 8, 9, 4, 5, 12, 13>(t[a + 1], t[a + 3]);
-    u[a + 3] = shuffle8<2, 3, 10, 11, 6, 7, 14, 15>(t[a + 1], t[a + 3]);
-  });
-  for_n<4>(4, [&](int64_t j) FASTCORE_LAMBDA_INLINE {  // 128-bit halves
-    r[j] = shuffle8<0, 1, 2, 3, 8, 9, 10, 11>(u[j], u[j + 4]);
-    r[j + 4] = shuffle8<4, 5, 6, 7, 12, 13, 14, 15>(u[j], u[j + 4]);
-  });
-}
 
 // z[k] (lanes: the 8 rows) = b[k] + sum_j h[., j] W[j, k]; returns (mean, rstd) per lane.
 FASTCORE_INLINE void normalised8(const float* h, const int64_t* at, const float* W,
                                  const float* b, double eps, v8* z, v8& mean, v8& rstd) {
   v8 hc[8];
   for_n<8>(8, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
-    hc[r] = *reinterpret_cast<const v8u*>(h + at[r]);
+    hc[r] = load8(h + at[r]);
   });
   transpose8(hc);  // hc[j]: value j of every row
   for_n<8>(8, [&](int64_t k) FASTCORE_LAMBDA_INLINE { z[k] = v8{} + b[k]; });
@@ -202,8 +165,8 @@ FASTCORE_INLINE void forward_block8(const float* h, const float* x, float* out,
   for_n<8>(8, [&](int64_t k) FASTCORE_LAMBDA_INLINE { z[k] = g[k] * (z[k] - mean) * rstd + be[k]; });
   transpose8(z);  // z[r]: row r's y
   for_n<8>(8, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
-    const v8 xr = *reinterpret_cast<const v8u*>(x + at[r]);
-    *reinterpret_cast<v8u*>(out + at[r]) = xr + s * z[r];
+    const v8 xr = load8(x + at[r]);
+    store8(out + at[r], xr + s * z[r]);
   });
 }
 
@@ -224,7 +187,7 @@ FASTCORE_SIMD_CLONES void forward_rows(const scalar_t* h, const scalar_t* x,
                         forward_block<decltype(rows)::value, HC>(
                             h, x, out, at, p, f, scratch.data(), d.hidden, s, eps);
                       }
-                    });
+                    }, h, x);
 }
 
 // The parameter gradients of a tile, in acc_t: [dW (F H H) | db | dgamma | dbeta (F H)].
@@ -302,7 +265,7 @@ FASTCORE_INLINE void backward_block8(const float* grad, const float* h, float* d
   normalised8(h, at, p.w + f * 64, p.b + f * 8, eps, z, mean, rstd);
   v8 dy[8];
   for_n<8>(8, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
-    dy[r] = *reinterpret_cast<const v8u*>(grad + at[r]);
+    dy[r] = load8(grad + at[r]);
   });
   transpose8(dy);
   const float* gf = p.gamma + f * 8;
@@ -328,28 +291,28 @@ FASTCORE_INLINE void backward_block8(const float* grad, const float* h, float* d
   });
   transpose8(o);
   for_n<8>(8, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
-    *reinterpret_cast<v8u*>(dh + at[r]) = o[r];
+    store8(dh + at[r], o[r]);
   });
   // the parameter gradients, rows in order
   transpose8(z);
   transpose8(dy);
   transpose8(dz);
-  v8 dgamma = *reinterpret_cast<const v8u*>(q.gamma + f * 8);
-  v8 dbeta = *reinterpret_cast<const v8u*>(q.beta + f * 8);
-  v8 db = *reinterpret_cast<const v8u*>(q.b + f * 8);
+  v8 dgamma = load8(q.gamma + f * 8);
+  v8 dbeta = load8(q.beta + f * 8);
+  v8 db = load8(q.b + f * 8);
   for_n<8>(8, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
     dgamma += dy[r] * z[r];
     dbeta += dy[r];
   });
   for_n<8>(8, [&](int64_t r) FASTCORE_LAMBDA_INLINE { db += dz[r]; });
-  *reinterpret_cast<v8u*>(q.gamma + f * 8) = dgamma;
-  *reinterpret_cast<v8u*>(q.beta + f * 8) = dbeta;
-  *reinterpret_cast<v8u*>(q.b + f * 8) = db;
+  store8(q.gamma + f * 8, dgamma);
+  store8(q.beta + f * 8, dbeta);
+  store8(q.b + f * 8, db);
   float* dW = q.w + f * 64;
   for_n<8>(8, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
-    v8 row = *reinterpret_cast<const v8u*>(dW + j * 8);
+    v8 row = load8(dW + j * 8);
     for_n<8>(8, [&](int64_t r) FASTCORE_LAMBDA_INLINE { row += h[at[r] + j] * dz[r]; });
-    *reinterpret_cast<v8u*>(dW + j * 8) = row;
+    store8(dW + j * 8, row);
   });
 }
 
@@ -378,7 +341,7 @@ FASTCORE_SIMD_CLONES void backward_rows(const scalar_t* grad, const scalar_t* h,
                         backward_block<decltype(rows)::value, HC>(grad, h, dh, at, p, q, f,
                                                                   scratch.data(), H, s, eps);
                       }
-                    });
+                    }, grad, h);
   for (int64_t j = 0; j < size; ++j) part[j] += static_cast<double>(local[j]);
 }
 

@@ -35,12 +35,29 @@ struct BlockArrays {
 
 // block(rows, at, f) over rows [begin, end) of [M, F, H]: blocks of R rows of one feature
 // (rows an integral_constant, at[r] the offset of row r), then the remainder one row at a
-// time.
-template <int R, typename Block>
+// time. The rows of `inputs` (tensors laid out as [M, F, H]) about kRowsAheadBytes ahead
+// are prefetched: the kernels do enough work per row that the hardware prefetchers fall
+// behind, and every block then waits on memory (the loads of the rows were the hot spots).
+constexpr int64_t kRowsAheadBytes = 4096;
+
+template <int R, typename Block, typename... Inputs>
 FASTCORE_INLINE void for_row_blocks(int64_t features, int64_t width, int64_t begin,
-                                    int64_t end, Block&& block) {
+                                    int64_t end, Block&& block, const Inputs*... inputs) {
+  const int64_t row = features * width;  // elements
+  auto prefetch = [&](int64_t m) FASTCORE_LAMBDA_INLINE {
+    (
+        [&](const auto* t) FASTCORE_LAMBDA_INLINE {
+          const int64_t bytes = static_cast<int64_t>(sizeof(*t)) * row;
+          const int64_t ahead = std::max<int64_t>(R, kRowsAheadBytes / std::max<int64_t>(bytes, 1));
+          const int64_t first = std::min(m + ahead, end), last = std::min(first + R, end);
+          const char* c = reinterpret_cast<const char*>(t + first * row);
+          for (int64_t b = 0; b < (last - first) * bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
+        }(inputs),
+        ...);
+  };
   int64_t m = begin;
   for (; m + R <= end; m += R) {
+    prefetch(m);
     for (int64_t f = 0; f < features; ++f) {
       int64_t at[R];
       for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE { at[r] = ((m + r) * features + f) * width; });

@@ -116,4 +116,47 @@ FASTCORE_INLINE void stream_fence() {
 // core; at N = 1M on the 2-core CPU unpooling took 39 ms with 16 and 48-60 ms with 8.
 constexpr int64_t kPrefetchAhead = 16;
 
+// Eight floats as one value (GCC/Clang vector extensions): AVX registers in the x86-64-v3
+// clones, two SSE registers in the baseline ones.
+using v8 = float __attribute__((vector_size(32)));
+using v8i = int __attribute__((vector_size(32)));
+using v8u = float __attribute__((vector_size(32), aligned(4), may_alias));  // unaligned
+
+// c[i] = (a then b)[I_i]: __builtin_shufflevector (Clang; GCC from 12), else GCC's
+// __builtin_shuffle. Always inlined into the kernels' per-ISA clones, so the note GCC makes
+// about passing a 32-byte vector without AVX (-Wpsabi) concerns no real call.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+template <int... I>
+FASTCORE_INLINE v8 shuffle8(v8 a, v8 b) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+  return __builtin_shufflevector(a, b, I...);
+#else
+  return __builtin_shuffle(a, b, v8i{I...});
+#endif
+}
+
+FASTCORE_INLINE void transpose8(v8* r) {
+  v8 t[8], u[8];
+  for_n<4>(4, [&](int64_t i) FASTCORE_LAMBDA_INLINE {  // rows 2i, 2i+1 interleaved
+    t[2 * i] = shuffle8<0, 8, 1, 9, 4, 12, 5, 13>(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = shuffle8<2, 10, 3, 11, 6, 14, 7, 15>(r[2 * i], r[2 * i + 1]);
+  });
+  for_n<2>(2, [&](int64_t i) FASTCORE_LAMBDA_INLINE {  // pairs of pairs
+    const int64_t a = 4 * i;
+    u[a] = shuffle8<0, 1, 8, 9, 4, 5, 12, 13>(t[a], t[a + 2]);
+    u[a + 1] = shuffle8<2, 3, 10, 11, 6, 7, 14, 15>(t[a], t[a + 2]);
+    u[a + 2] = shuffle8<0, 1, 8, 9, 4, 5, 12, 13>(t[a + 1], t[a + 3]);
+    u[a + 3] = shuffle8<2, 3, 10, 11, 6, 7, 14, 15>(t[a + 1], t[a + 3]);
+  });
+  for_n<4>(4, [&](int64_t j) FASTCORE_LAMBDA_INLINE {  // 128-bit halves
+    r[j] = shuffle8<0, 1, 2, 3, 8, 9, 10, 11>(u[j], u[j + 4]);
+    r[j + 4] = shuffle8<4, 5, 6, 7, 12, 13, 14, 15>(u[j], u[j + 4]);
+  });
+}
+
+FASTCORE_INLINE v8 load8(const float* p) { return *reinterpret_cast<const v8u*>(p); }
+FASTCORE_INLINE void store8(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
+
 }  // namespace fastcore

@@ -79,15 +79,20 @@ def test_gradients_match_torch_layers(device, backend, dtype, shape, inner):
         assert_close(g, e, dtype, f"grad {name}")
 
 
-def test_gelu_matches_torch_over_its_range():
+@pytest.mark.parametrize("hidden", [1, 8])
+def test_gelu_matches_torch_over_its_range(hidden):
     """The kernel's float32 erf and exp (its own vectorisable ones) against torch's GELU,
     from deep in the negative tail (exp underflows) to large positive values, with the
-    weights set so that the hidden layer is the input itself."""
-    z = torch.linspace(-30.0, 30.0, 20001)
-    h = z.reshape(-1, 1, 1)
-    ones = torch.ones(1, 1, 1)
-    zeros = torch.zeros(1, 1)
-    args = [h.requires_grad_(), ones, zeros, ones, zeros]
+    weights set so that the hidden layer is the input itself: H = 1 runs the general
+    loops, H = 8 (K = 16) the vector kernels, whose second half of the hidden layer
+    repeats the first and is read by no output."""
+    z = torch.linspace(-30.0, 30.0, 20000)
+    h = z.reshape(-1, 1, hidden)
+    eye = torch.eye(hidden)
+    w1 = eye[None] if hidden == 1 else torch.cat([eye, eye], 1)[None]
+    w2 = eye[None] if hidden == 1 else torch.cat([eye, torch.zeros(hidden, hidden)], 0)[None]
+    inner = w1.shape[2]
+    args = [h.requires_grad_(), w1, torch.zeros(1, inner), w2, torch.zeros(1, hidden)]
     grad = torch.ones_like(h)
     with use_backend("cpu"):
         out = ops.feature_mlp(*args)
@@ -98,6 +103,25 @@ def test_gelu_matches_torch_over_its_range():
     assert_close((out - h).flatten().detach(), gelu, torch.float32, "gelu")
     assert_close((d_h - 1).flatten(), slope, torch.float32, "gelu slope")
     assert torch.isfinite(d_h).all()
+
+
+@pytest.mark.parametrize("inner", [16, 32])
+def test_rows_same_bits_in_a_block_or_alone(inner):
+    # float32 with H = 8 runs in blocks of 4 (K = 16) or 2 (K = 32) rows, the rows left over
+    # one at a time: a row must give the same bits either way, forward and backward (where
+    # a block starts depends on the thread count's split of the rows).
+    h, w1, b1, w2, b2 = inputs((11, 3, 8), inner, torch.float32, seed=70)
+    grad = randn((11, 3, 8), torch.float32, "cpu", 71)
+    backward = torch.ops.fastcore.feature_mlp_backward.default
+    with use_backend("cpu"):
+        out = ops.feature_mlp(h, w1, b1, w2, b2)
+        dh = backward(grad, h, w1, b1, w2)[0]
+        for m in range(11):
+            one = ops.feature_mlp(h[m : m + 1], w1, b1, w2, b2)
+            assert torch.equal(out[m : m + 1], one), m
+            assert torch.equal(
+                dh[m : m + 1], backward(grad[m : m + 1], h[m : m + 1], w1, b1, w2)[0]
+            ), m
 
 
 def test_gradcheck_to_second_order():
