@@ -400,7 +400,8 @@ FASTCORE_SIMD_CLONES void backward_rows(const scalar_t* grad, const scalar_t* h,
                                         scalar_t* dh, double* part, const Dims& d, int64_t begin,
                                         int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int R = block_rows<KC, 8>();
+  // the vector kernels keep fewer rows in flight: at 4 rows of K = 16 their arrays spill
+  constexpr int R = kVectors8<scalar_t, HC, KC> ? block_rows<KC, 4>() : block_rows<KC, 8>();
   const int64_t F = d.features, H = d.hidden, K = d.inner;
   // the tile's parameter gradients in acc_t, added into the float64 partial at the end
   const int64_t size = F * (2 * H * K + K + H);

@@ -50,8 +50,7 @@ FASTCORE_INLINE void for_row_blocks(int64_t features, int64_t width, int64_t beg
           const int64_t bytes = static_cast<int64_t>(sizeof(*t)) * row;
           const int64_t ahead = std::max<int64_t>(R, kRowsAheadBytes / std::max<int64_t>(bytes, 1));
           const int64_t first = std::min(m + ahead, end), last = std::min(first + R, end);
-          const char* c = reinterpret_cast<const char*>(t + first * row);
-          for (int64_t b = 0; b < (last - first) * bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
+          prefetch_span<0>(t + first * row, (last - first) * bytes);
         }(inputs),
         ...);
   };

@@ -65,6 +65,19 @@ FASTCORE_INLINE void prefetch_lines(const void* p, int64_t bytes) {
 #endif
 }
 
+// Every cache line of [p, p + bytes) (no cap): a span a kernel reads a little later, e.g. the
+// next time step of a tile.
+template <int Write>
+FASTCORE_INLINE void prefetch_span(const void* p, int64_t bytes) {
+#if defined(__GNUC__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, Write, 3);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 FASTCORE_INLINE void prefetch_row(const void* p, int64_t bytes) { prefetch_lines<0>(p, bytes); }
 
 FASTCORE_INLINE void prefetch_row_for_write(void* p, int64_t bytes) {

@@ -107,8 +107,8 @@ def test_gelu_matches_torch_over_its_range(hidden):
 
 @pytest.mark.parametrize("inner", [16, 32])
 def test_rows_same_bits_in_a_block_or_alone(inner):
-    # float32 with H = 8 runs in blocks of 4 (K = 16) or 2 (K = 32) rows, the rows left over
-    # one at a time: a row must give the same bits either way, forward and backward (where
+    # float32 with H = 8 runs in blocks of 4 (K = 16) or 2 (K = 32) rows forward, 2 or 1
+    # backward, the rows left over one at a time: a row must give the same bits either way, forward and backward (where
     # a block starts depends on the thread count's split of the rows).
     h, w1, b1, w2, b2 = inputs((11, 3, 8), inner, torch.float32, seed=70)
     grad = randn((11, 3, 8), torch.float32, "cpu", 71)
