@@ -21,6 +21,7 @@ SHAPES = [
     ((2, 1, 3, 5), 4),  # T = 1: only the first tap
     ((1, 21, 215, 40), 7),  # the basin model's fine level, one sample
     ((2, 6, 5), 2),  # 3-D: no middle dims
+    ((2, 7, 3, 13), 3),  # C = 13: float32 sums one vector of 8 channels, then 5 alone
 ]
 
 
