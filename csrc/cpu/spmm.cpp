@@ -145,11 +145,18 @@ FASTCORE_SIMD_CLONES void edge_grad_rows(const scalar_t* grad, const scalar_t* x
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t first = ptr[v_begin];
   std::vector<double> sums(ptr[v_end] - first, 0.0);
+  const int64_t row_bytes = inner * static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t o = 0; o < outer; ++o) {
     const scalar_t* x_slab = x + o * n_src * inner;
+    // the rows this slab reads, one slab on: in column order they come from memory one at a
+    // time, each a wait the hardware prefetchers cannot foresee
+    const bool ahead = o + 1 < outer;
     for (int64_t v = v_begin; v < v_end; ++v) {
       const scalar_t* g = grad + (o * segments + v) * inner;
+      if (ahead) prefetch_row(g + segments * inner, row_bytes);
       for (int64_t k = ptr[v]; k < ptr[v + 1]; ++k) {
+        if (ahead && static_cast<uint64_t>(col[k]) < static_cast<uint64_t>(n_src))
+          prefetch_row(x_slab + (n_src + col[k]) * inner, row_bytes);
         sums[k - first] += static_cast<double>(dot_row<acc_t>(g, x_slab + col[k] * inner, inner));
       }
     }
