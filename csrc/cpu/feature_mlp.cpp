@@ -62,39 +62,60 @@ Dims check_feature_mlp(const at::Tensor& h, const at::Tensor& w1, const at::Tens
 // exp(x) for x <= 0 without branches or calls, so that loops over it vectorise (Cephes'
 // range reduction and polynomial; relative error ~2e-7). Arguments below -87 give exp(-87)
 // ~ 1.6e-38 (the GELU multiplies it by at most |z| / 2.5 next to terms of order 1).
+// exp_scaled holds the arithmetic, written once for a float and for eight (v8): x already
+// clamped to >= -87, it returns p and n with exp(x) = p * 2^n.
+template <typename T>
+FASTCORE_INLINE T exp_scaled(T x, T& n) {
+  n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const T r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  T p = T{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * r * r + r + 1.0f;
+}
+
 FASTCORE_INLINE float exp_nonpositive(float x) {
   // x = max(x, -87) through an integer mask: GCC leaves a float select or std::max
   // here as a branch (trapping compares) and the loop unvectorised
   const int32_t keep = -static_cast<int32_t>(x >= -87.0f);
   x = std::bit_cast<float>((std::bit_cast<int32_t>(x) & keep) |
                            (std::bit_cast<int32_t>(-87.0f) & ~keep));
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x/ln 2)
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  return p * scale;
+  float n;
+  const float p = exp_scaled(x, n);
+  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+}
+
+FASTCORE_INLINE v8 exp_nonpositive8(v8 x) {
+  const v8i keep = x >= -87.0f;  // lanes: -1 where x >= -87
+  x = reinterpret_cast<v8>((reinterpret_cast<v8i>(x) & keep) |
+                           (std::bit_cast<int32_t>(-87.0f) & ~keep));
+  v8 n;
+  const v8 p = exp_scaled(x, n);
+  return p * reinterpret_cast<v8>((__builtin_convertvector(n, v8i) + 127) << 23);
 }
 
 // The exact GELU and its derivative: gelu(z) = z Phi(z), gelu'(z) = Phi(z) + z phi(z).
 // float: erf by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7, the formula of
 // PyTorch's own vectorised CPU erf) on the exp above, both vectorisable; double: libm.
-FASTCORE_INLINE void gelu_and_slope(float z, float& value, float& slope) {
-  const float a = z * 0.70710678118654752f;
-  const float e = exp_nonpositive(-a * a);  // exp(-z^2 / 2)
-  const float t = 1.0f / (1.0f + 0.3275911f * std::fabs(a));
-  float q = 1.061405429f;
+// erf_abs_of is |erf(a)| given t = 1 / (1 + p |a|) and e = exp(-a^2), for a float or a v8.
+template <typename T>
+FASTCORE_INLINE T erf_abs_of(T t, T e) {
+  T q = T{} + 1.061405429f;
   q = q * t - 1.453152027f;
   q = q * t + 1.421413741f;
   q = q * t - 0.284496736f;
   q = q * t + 0.254829592f;
-  const float erf_abs = 1.0f - q * t * e;
-  const float cdf = 0.5f + 0.5f * std::copysign(erf_abs, a);
+  return 1.0f - q * t * e;
+}
+
+FASTCORE_INLINE void gelu_and_slope(float z, float& value, float& slope) {
+  const float a = z * 0.70710678118654752f;
+  const float e = exp_nonpositive(-a * a);  // exp(-z^2 / 2)
+  const float t = 1.0f / (1.0f + 0.3275911f * std::fabs(a));
+  const float cdf = 0.5f + 0.5f * std::copysign(erf_abs_of(t, e), a);
   value = z * cdf;
   slope = cdf + z * 0.39894228040143268f * e;
 }
@@ -105,25 +126,8 @@ FASTCORE_INLINE void gelu_and_slope(double z, double& value, double& slope) {
   slope = cdf + z * 0.39894228040143268 * std::exp(-0.5 * z * z);
 }
 
-// The same two functions on eight floats at once, operation for operation (the float
-// kernels' loops above are these, vectorised by the compiler), so both give the same bits.
-FASTCORE_INLINE v8 exp_nonpositive8(v8 x) {
-  const v8i keep = x >= -87.0f;  // lanes: -1 where x >= -87
-  x = reinterpret_cast<v8>((reinterpret_cast<v8i>(x) & keep) |
-                           (std::bit_cast<int32_t>(-87.0f) & ~keep));
-  const v8 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const v8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  v8 p = v8{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const v8i scale = (__builtin_convertvector(n, v8i) + 127) << 23;
-  return p * reinterpret_cast<v8>(scale);
-}
-
+// The float GELU on eight values at once, operation for operation (the float kernels'
+// loops above are the scalar one, vectorised by the compiler): the same bits.
 template <bool SLOPE>
 FASTCORE_INLINE void gelu_and_slope8(v8 z, v8& value, v8& slope) {
   constexpr int32_t kSign = std::bit_cast<int32_t>(-0.0f);
@@ -131,12 +135,7 @@ FASTCORE_INLINE void gelu_and_slope8(v8 z, v8& value, v8& slope) {
   const v8 e = exp_nonpositive8(-a * a);
   const v8 abs_a = reinterpret_cast<v8>(reinterpret_cast<v8i>(a) & ~kSign);
   const v8 t = 1.0f / (1.0f + 0.3275911f * abs_a);
-  v8 q = v8{} + 1.061405429f;
-  q = q * t - 1.453152027f;
-  q = q * t + 1.421413741f;
-  q = q * t - 0.284496736f;
-  q = q * t + 0.254829592f;
-  const v8 erf_abs = 1.0f - q * t * e;
+  const v8 erf_abs = erf_abs_of(t, e);
   const v8 erf = reinterpret_cast<v8>((reinterpret_cast<v8i>(erf_abs) & ~kSign) |
                                       (reinterpret_cast<v8i>(a) & kSign));  // copysign
   const v8 cdf = 0.5f + 0.5f * erf;
@@ -178,22 +177,29 @@ constexpr bool kVectors8 = std::is_same_v<scalar_t, float> && HC == 8 && KC > 0 
 // of H, or eight of a row's K), the matmuls as broadcast-times-row multiply-adds. Every
 // value is the same sum, in the same order, as in the general loops below (which spill
 // their block arrays to the stack between multiply-adds).
+// acc[r][v] += sum_j t[at[r] + j] M[j, 8v:8v+8] over the 8 values j of each row, in order
+// (M: [8, 8 KV]): the first layer (h times W1) and the backward's W2 g.
+template <int R, int KV>
+FASTCORE_INLINE void add_rows_times8(const float* t, const int64_t* at, const float* M,
+                                     v8 (&acc)[R][KV]) {
+  for_n<8>(8, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
+    v8 m[KV];
+    for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { m[v] = load8(M + (j * KV + v) * 8); });
+    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
+      const float x = t[at[r] + j];
+      for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { acc[r][v] += x * m[v]; });
+    });
+  });
+}
+
 // z[r][v] = b1[8v:8v+8] + sum_j h[r, j] W1[j, 8v:8v+8], j in order.
 template <int R, int KV>
 FASTCORE_INLINE void hidden8(const float* h, const int64_t* at, const float* W1, const float* b1,
                              v8 (&z)[R][KV]) {
-  constexpr int K = 8 * KV;
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
     for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { z[r][v] = load8(b1 + 8 * v); });
   });
-  for_n<8>(8, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
-    v8 w[KV];
-    for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { w[v] = load8(W1 + j * K + 8 * v); });
-    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
-      const float x = h[at[r] + j];
-      for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { z[r][v] += x * w[v]; });
-    });
-  });
+  add_rows_times8<R, KV>(h, at, W1, z);
 }
 
 template <int R, int KV>
@@ -293,14 +299,7 @@ FASTCORE_INLINE void backward_block8(const float* grad, const float* h, float* d
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
     for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { dz[r][v] = v8{}; });
   });
-  for_n<8>(8, [&](int64_t i) FASTCORE_LAMBDA_INLINE {
-    v8 row[KV];
-    for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { row[v] = load8(W2t + i * K + 8 * v); });
-    for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
-      const float x = grad[at[r] + i];
-      for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { dz[r][v] += x * row[v]; });
-    });
-  });
+  add_rows_times8<R, KV>(grad, at, W2t, dz);
   alignas(32) float dzs[R][K];  // dz, read back one value at a time (dh)
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
     for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE {
