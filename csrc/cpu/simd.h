@@ -53,20 +53,8 @@ FASTCORE_INLINE void for_n(int64_t n, Fn&& fn) {
 // callers still only prefetch rows in range.
 // Write: 0 for a row about to be read, 1 for one about to be read and written (an
 // accumulator row).
-template <int Write>
-FASTCORE_INLINE void prefetch_lines(const void* p, int64_t bytes) {
-#if defined(__GNUC__)
-  const char* c = static_cast<const char*>(p);
-  const int64_t stop = bytes < 1024 ? bytes : 1024;
-  for (int64_t b = 0; b < stop; b += 64) __builtin_prefetch(c + b, Write, 3);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
-// Every cache line of [p, p + bytes) (no cap): a span a kernel reads a little later, e.g. the
-// next time step of a tile.
+// prefetch_span: every cache line of [p, p + bytes) (no cap), e.g. the next time step of a
+// tile; prefetch_lines: the first 1 KiB of it at most (one row of a gather).
 template <int Write>
 FASTCORE_INLINE void prefetch_span(const void* p, int64_t bytes) {
 #if defined(__GNUC__)
@@ -76,6 +64,11 @@ FASTCORE_INLINE void prefetch_span(const void* p, int64_t bytes) {
   (void)p;
   (void)bytes;
 #endif
+}
+
+template <int Write>
+FASTCORE_INLINE void prefetch_lines(const void* p, int64_t bytes) {
+  prefetch_span<Write>(p, bytes < 1024 ? bytes : 1024);
 }
 
 FASTCORE_INLINE void prefetch_row(const void* p, int64_t bytes) { prefetch_lines<0>(p, bytes); }
