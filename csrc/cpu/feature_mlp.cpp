@@ -20,6 +20,8 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -88,13 +90,59 @@ FASTCORE_INLINE float exp_nonpositive(float x) {
   return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
 }
 
-FASTCORE_INLINE v8 exp_nonpositive8(v8 x) {
-  const v8i keep = x >= -87.0f;  // lanes: -1 where x >= -87
-  x = reinterpret_cast<v8>((reinterpret_cast<v8i>(x) & keep) |
-                           (std::bit_cast<int32_t>(-87.0f) & ~keep));
-  v8 n;
-  const v8 p = exp_scaled(x, n);
-  return p * reinterpret_cast<v8>((__builtin_convertvector(n, v8i) + 127) << 23);
+// The values of `a` are read back one at a time (as broadcasts) from memory: without this
+// the compiler keeps a small array in vector registers and takes each value out with a
+// shuffle (AVX-512: an index broadcast and a permute per value, both on the one shuffle
+// port), where a broadcast from memory is a plain load.
+template <typename T>
+FASTCORE_INLINE void read_back_from_memory(T& a) {
+#if defined(__GNUC__)
+  asm("" : "+m"(a));
+#else
+  (void)a;
+#endif
+}
+
+// Vectors of L floats along K: 8 (AVX registers; two SSE ones in the baseline clones) or 16
+// (AVX-512 registers, in the x86-64-v4 kernels only). Every lane runs the same operations
+// in the same order at either width: the same bits.
+using v16 = float __attribute__((vector_size(64)));
+using v16i = int __attribute__((vector_size(64)));
+using v16u = float __attribute__((vector_size(64), aligned(4), may_alias));  // unaligned
+template <int L>
+struct Lanes;
+template <>
+struct Lanes<8> {
+  using f = v8;
+  using i = v8i;
+  using u = v8u;
+};
+template <>
+struct Lanes<16> {
+  using f = v16;
+  using i = v16i;
+  using u = v16u;
+};
+template <int L>
+using vec = typename Lanes<L>::f;
+template <int L>
+FASTCORE_INLINE vec<L> load_lanes(const float* p) {
+  return *reinterpret_cast<const typename Lanes<L>::u*>(p);
+}
+template <int L>
+FASTCORE_INLINE void store_lanes(float* p, vec<L> v) {
+  *reinterpret_cast<typename Lanes<L>::u*>(p) = v;
+}
+
+template <int L>
+FASTCORE_INLINE vec<L> exp_nonpositive_lanes(vec<L> x) {
+  using vi = typename Lanes<L>::i;
+  const vi keep = x >= -87.0f;  // lanes: -1 where x >= -87
+  x = reinterpret_cast<vec<L>>((reinterpret_cast<vi>(x) & keep) |
+                               (std::bit_cast<int32_t>(-87.0f) & ~keep));
+  vec<L> n;
+  const vec<L> p = exp_scaled(x, n);
+  return p * reinterpret_cast<vec<L>>((__builtin_convertvector(n, vi) + 127) << 23);
 }
 
 // The exact GELU and its derivative: gelu(z) = z Phi(z), gelu'(z) = Phi(z) + z phi(z).
@@ -126,19 +174,21 @@ FASTCORE_INLINE void gelu_and_slope(double z, double& value, double& slope) {
   slope = cdf + z * 0.39894228040143268 * std::exp(-0.5 * z * z);
 }
 
-// The float GELU on eight values at once, operation for operation (the float kernels'
+// The float GELU on L values at once, operation for operation (the float kernels'
 // loops above are the scalar one, vectorised by the compiler): the same bits.
-template <bool SLOPE>
-FASTCORE_INLINE void gelu_and_slope8(v8 z, v8& value, v8& slope) {
+template <bool SLOPE, int L>
+FASTCORE_INLINE void gelu_and_slope_lanes(vec<L> z, vec<L>& value, vec<L>& slope) {
+  using v = vec<L>;
+  using vi = typename Lanes<L>::i;
   constexpr int32_t kSign = std::bit_cast<int32_t>(-0.0f);
-  const v8 a = z * 0.70710678118654752f;
-  const v8 e = exp_nonpositive8(-a * a);
-  const v8 abs_a = reinterpret_cast<v8>(reinterpret_cast<v8i>(a) & ~kSign);
-  const v8 t = 1.0f / (1.0f + 0.3275911f * abs_a);
-  const v8 erf_abs = erf_abs_of(t, e);
-  const v8 erf = reinterpret_cast<v8>((reinterpret_cast<v8i>(erf_abs) & ~kSign) |
-                                      (reinterpret_cast<v8i>(a) & kSign));  // copysign
-  const v8 cdf = 0.5f + 0.5f * erf;
+  const v a = z * 0.70710678118654752f;
+  const v e = exp_nonpositive_lanes<L>(-a * a);
+  const v abs_a = reinterpret_cast<v>(reinterpret_cast<vi>(a) & ~kSign);
+  const v t = 1.0f / (1.0f + 0.3275911f * abs_a);
+  const v erf_abs = erf_abs_of(t, e);
+  const v erf = reinterpret_cast<v>((reinterpret_cast<vi>(erf_abs) & ~kSign) |
+                                    (reinterpret_cast<vi>(a) & kSign));  // copysign
+  const v cdf = 0.5f + 0.5f * erf;
   value = z * cdf;
   if constexpr (SLOPE) slope = cdf + z * 0.39894228040143268f * e;
 }
@@ -173,18 +223,47 @@ FASTCORE_INLINE void hidden_layer(const scalar_t* h, const int64_t* at, const ac
 template <typename scalar_t, int HC, int KC>
 constexpr bool kVectors8 = std::is_same_v<scalar_t, float> && HC == 8 && KC > 0 && KC % 8 == 0;
 
-// float32 with H = 8 and K = 8 KV: a block's values held as vectors in registers (one row
-// of H, or eight of a row's K), the matmuls as broadcast-times-row multiply-adds. Every
+// The vector kernels with 16 lanes along K (AVX-512 registers): K a multiple of 16, on a CPU
+// with x86-64-v4 (AVX-512 F, BW, CD, DQ, VL). Half the multiply-add and GELU instructions
+// of the first layer and of the backward's K-wide terms; the same bits as the 8-lane ones
+// (each lane does the same arithmetic). A 2-core Xeon VM, fine level B16 T21 N215 F5 H8
+// K16: docs/benchmarks.md, "feature_mlp on AVX-512".
+template <typename scalar_t, int HC, int KC>
+constexpr bool kWide = kVectors8<scalar_t, HC, KC> && KC % 16 == 0;
+
+// FASTCORE_AVX512=0 in the environment (read once) keeps them off: the 8-lane kernels then
+// run everywhere (the tests compare the two).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTCORE_WIDE_KERNELS 1
+#define FASTCORE_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
+inline bool cpu_has_v4() {
+  static const bool v4 = [] {
+    const char* env = std::getenv("FASTCORE_AVX512");
+    if (env && std::string_view(env) == "0") return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  return v4;
+}
+#else
+#define FASTCORE_WIDE_KERNELS 0
+#endif
+
+// float32 with H = 8 and K = L KV: a block's values held as vectors in registers (one row
+// of H, or L of a row's K), the matmuls as broadcast-times-row multiply-adds. Every
 // value is the same sum, in the same order, as in the general loops below (which spill
 // their block arrays to the stack between multiply-adds).
-// acc[r][v] += sum_j t[at[r] + j] M[j, 8v:8v+8] over the 8 values j of each row, in order
-// (M: [8, 8 KV]): the first layer (h times W1) and the backward's W2 g.
-template <int R, int KV>
+// acc[r][v] += sum_j t[at[r] + j] M[j, Lv:Lv+L] over the 8 values j of each row, in order
+// (M: [8, L KV]): the first layer (h times W1) and the backward's W2 g.
+template <int R, int KV, int L>
 FASTCORE_INLINE void add_rows_times8(const float* t, const int64_t* at, const float* M,
-                                     v8 (&acc)[R][KV]) {
+                                     vec<L> (&acc)[R][KV]) {
   for_n<8>(8, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
-    v8 m[KV];
-    for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { m[v] = load8(M + (j * KV + v) * 8); });
+    vec<L> m[KV];
+    for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE {
+      m[v] = load_lanes<L>(M + (j * KV + v) * L);
+    });
     for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
       const float x = t[at[r] + j];
       for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { acc[r][v] += x * m[v]; });
@@ -192,30 +271,31 @@ FASTCORE_INLINE void add_rows_times8(const float* t, const int64_t* at, const fl
   });
 }
 
-// z[r][v] = b1[8v:8v+8] + sum_j h[r, j] W1[j, 8v:8v+8], j in order.
-template <int R, int KV>
+// z[r][v] = b1[Lv:Lv+L] + sum_j h[r, j] W1[j, Lv:Lv+L], j in order.
+template <int R, int KV, int L>
 FASTCORE_INLINE void hidden8(const float* h, const int64_t* at, const float* W1, const float* b1,
-                             v8 (&z)[R][KV]) {
+                             vec<L> (&z)[R][KV]) {
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
-    for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { z[r][v] = load8(b1 + 8 * v); });
+    for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { z[r][v] = load_lanes<L>(b1 + L * v); });
   });
-  add_rows_times8<R, KV>(h, at, W1, z);
+  add_rows_times8<R, KV, L>(h, at, W1, z);
 }
 
-template <int R, int KV>
+template <int R, int KV, int L>
 FASTCORE_INLINE void forward_block8(const float* h, float* out, const int64_t* at,
                                     const Weights<float>& w, int64_t f) {
-  constexpr int K = 8 * KV;
-  v8 z[R][KV];
-  hidden8<R, KV>(h, at, w.w1 + f * 8 * K, w.b1 + f * K, z);
-  alignas(32) float u[R][K];  // read back one value at a time (broadcasts)
+  constexpr int K = L * KV;
+  vec<L> z[R][KV];
+  hidden8<R, KV, L>(h, at, w.w1 + f * 8 * K, w.b1 + f * K, z);
+  alignas(64) float u[R][K];  // read back one value at a time (broadcasts)
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
     for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE {
-      v8 value, unused;
-      gelu_and_slope8<false>(z[r][v], value, unused);
-      store8(u[r] + 8 * v, value);
+      vec<L> value, unused;
+      gelu_and_slope_lanes<false, L>(z[r][v], value, unused);
+      store_lanes<L>(u[r] + L * v, value);
     });
   });
+  read_back_from_memory(u);
   const float* W2 = w.w2 + f * K * 8;
   const v8 b2 = load8(w.b2 + f * 8);
   v8 o[R];
@@ -227,12 +307,13 @@ FASTCORE_INLINE void forward_block8(const float* h, float* out, const int64_t* a
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE { store8(out + at[r], o[r]); });
 }
 
-template <int R, int HC, int KC, typename acc_t, typename scalar_t>
+template <int R, int HC, int KC, bool Wide, typename acc_t, typename scalar_t>
 FASTCORE_INLINE void forward_block(const scalar_t* h, scalar_t* out, const int64_t* at,
                                    const Weights<acc_t>& w, int64_t f, acc_t* scratch,
                                    int64_t H_, int64_t K_) {
   if constexpr (kVectors8<scalar_t, HC, KC>) {
-    forward_block8<R, KC / 8>(h, out, at, w, f);
+    constexpr int L = Wide ? 16 : 8;  // lanes along K
+    forward_block8<R, KC / L, L>(h, out, at, w, f);
     return;
   }
   const int64_t H = HC > 0 ? HC : H_, K = KC > 0 ? KC : K_;
@@ -253,18 +334,35 @@ FASTCORE_INLINE void forward_block(const scalar_t* h, scalar_t* out, const int64
   });
 }
 
-template <typename scalar_t, int HC, int KC>
-FASTCORE_SIMD_CLONES void forward_rows(const scalar_t* h, const Weights<at::opmath_type<scalar_t>>& w,
-                                       scalar_t* out, const Dims& d, int64_t begin, int64_t end) {
+template <typename scalar_t, int HC, int KC, bool Wide>
+FASTCORE_INLINE void forward_rows_of(const scalar_t* h,
+                                     const Weights<at::opmath_type<scalar_t>>& w, scalar_t* out,
+                                     const Dims& d, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int R = block_rows<KC, 8>();
+  constexpr int R = block_rows<KC, Wide ? 16 : 8>();
   std::vector<acc_t> scratch(HC > 0 ? 0 : d.inner + d.hidden);  // runtime widths only
   for_row_blocks<R>(d.features, d.hidden, begin, end,
                     [&](auto rows, const int64_t* at, int64_t f) FASTCORE_LAMBDA_INLINE {
-                      forward_block<decltype(rows)::value, HC, KC>(
+                      forward_block<decltype(rows)::value, HC, KC, Wide>(
                           h, out, at, w, f, scratch.data(), d.hidden, d.inner);
                     }, h);
 }
+
+template <typename scalar_t, int HC, int KC>
+FASTCORE_SIMD_CLONES void forward_rows(const scalar_t* h, const Weights<at::opmath_type<scalar_t>>& w,
+                                       scalar_t* out, const Dims& d, int64_t begin, int64_t end) {
+  forward_rows_of<scalar_t, HC, KC, false>(h, w, out, d, begin, end);
+}
+
+#if FASTCORE_WIDE_KERNELS
+template <typename scalar_t, int HC, int KC>
+FASTCORE_TARGET_V4 void forward_rows_wide(const scalar_t* h,
+                                          const Weights<at::opmath_type<scalar_t>>& w,
+                                          scalar_t* out, const Dims& d, int64_t begin,
+                                          int64_t end) {
+  forward_rows_of<scalar_t, HC, KC, true>(h, w, out, d, begin, end);
+}
+#endif
 
 // The parameter gradients of a tile, in acc_t: [dW1 (F H K) | db1 (F K) | dW2 (F K H) |
 // db2 (F H)].
@@ -275,38 +373,40 @@ struct Grads {
 
 // The backward of forward_block8, with the parameter gradients added into p row by row in
 // order, as backward_block does.
-template <int R, int KV>
+template <int R, int KV, int L>
 FASTCORE_INLINE void backward_block8(const float* grad, const float* h, float* dh,
                                      const int64_t* at, const Weights<float>& w,
                                      const Grads<float>& p, int64_t f) {
-  constexpr int K = 8 * KV;
-  v8 z[R][KV];
-  hidden8<R, KV>(h, at, w.w1 + f * 8 * K, w.b1 + f * K, z);
-  alignas(32) float u[R][K];  // gelu(z), read back one value at a time (dW2)
-  v8 slope[R][KV];
+  constexpr int K = L * KV;
+  vec<L> z[R][KV];
+  hidden8<R, KV, L>(h, at, w.w1 + f * 8 * K, w.b1 + f * K, z);
+  alignas(64) float u[R][K];  // gelu(z), read back one value at a time (dW2)
+  vec<L> slope[R][KV];
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
     for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE {
-      v8 value;
-      gelu_and_slope8<true>(z[r][v], value, slope[r][v]);
-      store8(u[r] + 8 * v, value);
+      vec<L> value;
+      gelu_and_slope_lanes<true, L>(z[r][v], value, slope[r][v]);
+      store_lanes<L>(u[r] + L * v, value);
     });
   });
   v8 g[R];
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE { g[r] = load8(grad + at[r]); });
   // dz = (W2 g) * gelu'(z), through W2's transpose [8, K], i in order
   const float* W2t = w.w2t + f * 8 * K;
-  v8 dz[R][KV];
+  vec<L> dz[R][KV];
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
-    for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { dz[r][v] = v8{}; });
+    for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { dz[r][v] = vec<L>{}; });
   });
-  add_rows_times8<R, KV>(grad, at, W2t, dz);
-  alignas(32) float dzs[R][K];  // dz, read back one value at a time (dh)
+  add_rows_times8<R, KV, L>(grad, at, W2t, dz);
+  alignas(64) float dzs[R][K];  // dz, read back one value at a time (dh)
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
     for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE {
       dz[r][v] *= slope[r][v];
-      store8(dzs[r] + 8 * v, dz[r][v]);
+      store_lanes<L>(dzs[r] + L * v, dz[r][v]);
     });
   });
+  read_back_from_memory(u);
+  read_back_from_memory(dzs);
   // dh = g + W1 dz through W1's transpose [K, 8], k in order; dW2[k] += u[., k] g, rows in order
   const float* W1t = w.w1t + f * K * 8;
   float* dW2 = p.w2 + f * K * 8;
@@ -326,28 +426,34 @@ FASTCORE_INLINE void backward_block8(const float* grad, const float* h, float* d
   float* dW1 = p.w1 + f * 8 * K;
   for_n<8>(8, [&](int64_t j) FASTCORE_LAMBDA_INLINE {
     for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE {
-      v8 acc = load8(dW1 + j * K + 8 * v);
+      vec<L> acc = load_lanes<L>(dW1 + j * K + L * v);
       for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE { acc += h[at[r] + j] * dz[r][v]; });
-      store8(dW1 + j * K + 8 * v, acc);
+      store_lanes<L>(dW1 + j * K + L * v, acc);
     });
   });
-  v8 db1[KV], db2 = load8(p.b2 + f * 8);
-  for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { db1[v] = load8(p.b1 + f * K + 8 * v); });
+  vec<L> db1[KV];
+  v8 db2 = load8(p.b2 + f * 8);
+  for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE {
+    db1[v] = load_lanes<L>(p.b1 + f * K + L * v);
+  });
   for_n<R>(R, [&](int64_t r) FASTCORE_LAMBDA_INLINE {
     for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { db1[v] += dz[r][v]; });
     db2 += g[r];
   });
-  for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE { store8(p.b1 + f * K + 8 * v, db1[v]); });
+  for_n<KV>(KV, [&](int64_t v) FASTCORE_LAMBDA_INLINE {
+    store_lanes<L>(p.b1 + f * K + L * v, db1[v]);
+  });
   store8(p.b2 + f * 8, db2);
 }
 
-template <int R, int HC, int KC, typename acc_t, typename scalar_t>
+template <int R, int HC, int KC, bool Wide, typename acc_t, typename scalar_t>
 FASTCORE_INLINE void backward_block(const scalar_t* grad, const scalar_t* h, scalar_t* dh,
                                     const int64_t* at, const Weights<acc_t>& w,
                                     const Grads<acc_t>& p, int64_t f, acc_t* scratch,
                                     int64_t H_, int64_t K_) {
   if constexpr (kVectors8<scalar_t, HC, KC>) {
-    backward_block8<R, KC / 8>(grad, h, dh, at, w, p, f);
+    constexpr int L = Wide ? 16 : 8;  // lanes along K
+    backward_block8<R, KC / L, L>(grad, h, dh, at, w, p, f);
     return;
   }
   const int64_t H = HC > 0 ? HC : H_, K = KC > 0 ? KC : K_;
@@ -393,14 +499,15 @@ FASTCORE_INLINE void backward_block(const scalar_t* grad, const scalar_t* h, sca
 
 // Rows [begin, end): dh (the residual's grad included), and the parameter gradients added
 // into part (float64), laid out as Grads.
-template <typename scalar_t, int HC, int KC>
-FASTCORE_SIMD_CLONES void backward_rows(const scalar_t* grad, const scalar_t* h,
-                                        const Weights<at::opmath_type<scalar_t>>& w,
-                                        scalar_t* dh, double* part, const Dims& d, int64_t begin,
-                                        int64_t end) {
+template <typename scalar_t, int HC, int KC, bool Wide>
+FASTCORE_INLINE void backward_rows_of(const scalar_t* grad, const scalar_t* h,
+                                      const Weights<at::opmath_type<scalar_t>>& w, scalar_t* dh,
+                                      double* part, const Dims& d, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   // the vector kernels keep fewer rows in flight: at 4 rows of K = 16 their arrays spill
-  constexpr int R = kVectors8<scalar_t, HC, KC> ? block_rows<KC, 4>() : block_rows<KC, 8>();
+  // (AVX-512's 32 registers hold 8: the wide kernels take twice as many)
+  constexpr int R = kVectors8<scalar_t, HC, KC> ? block_rows<KC, Wide ? 12 : 4>()
+                                                : block_rows<KC, 8>();
   const int64_t F = d.features, H = d.hidden, K = d.inner;
   // the tile's parameter gradients in acc_t, added into the float64 partial at the end
   const int64_t size = F * (2 * H * K + K + H);
@@ -410,11 +517,29 @@ FASTCORE_SIMD_CLONES void backward_rows(const scalar_t* grad, const scalar_t* h,
   std::vector<acc_t> scratch(HC > 0 ? 0 : 3 * K + 2 * H);  // runtime widths only
   for_row_blocks<R>(F, H, begin, end,
                     [&](auto rows, const int64_t* at, int64_t f) FASTCORE_LAMBDA_INLINE {
-                      backward_block<decltype(rows)::value, HC, KC>(grad, h, dh, at, w, p, f,
-                                                                    scratch.data(), H, K);
+                      backward_block<decltype(rows)::value, HC, KC, Wide>(
+                          grad, h, dh, at, w, p, f, scratch.data(), H, K);
                     }, grad, h);
   for (int64_t j = 0; j < size; ++j) part[j] += static_cast<double>(local[j]);
 }
+
+template <typename scalar_t, int HC, int KC>
+FASTCORE_SIMD_CLONES void backward_rows(const scalar_t* grad, const scalar_t* h,
+                                        const Weights<at::opmath_type<scalar_t>>& w,
+                                        scalar_t* dh, double* part, const Dims& d, int64_t begin,
+                                        int64_t end) {
+  backward_rows_of<scalar_t, HC, KC, false>(grad, h, w, dh, part, d, begin, end);
+}
+
+#if FASTCORE_WIDE_KERNELS
+template <typename scalar_t, int HC, int KC>
+FASTCORE_TARGET_V4 void backward_rows_wide(const scalar_t* grad, const scalar_t* h,
+                                           const Weights<at::opmath_type<scalar_t>>& w,
+                                           scalar_t* dh, double* part, const Dims& d,
+                                           int64_t begin, int64_t end) {
+  backward_rows_of<scalar_t, HC, KC, true>(grad, h, w, dh, part, d, begin, end);
+}
+#endif
 
 // The kernels with H and K fixed at compile time for the common float32 widths (K = 2H or
 // 4H; unrolled, vectorised); every other case (and dtype) runs the general loops.
@@ -451,9 +576,21 @@ at::Tensor feature_mlp_cpu(const at::Tensor& h, const at::Tensor& w1, const at::
     const int64_t work = std::max<int64_t>(1, d.features * d.hidden * d.inner);
     const int64_t grain = std::max<int64_t>(1, 32768 / work);
     with_widths<scalar_t>(d.hidden, d.inner, [&](auto hc, auto kc) {
+      constexpr int HC = decltype(hc)::value, KC = decltype(kc)::value;
+      const scalar_t* hp = h_c.const_data_ptr<scalar_t>();
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+#if FASTCORE_WIDE_KERNELS
+      if constexpr (kWide<scalar_t, HC, KC>) {
+        if (cpu_has_v4()) {
+          at::parallel_for(0, d.rows, grain, [&](int64_t begin, int64_t end) {
+            forward_rows_wide<scalar_t, HC, KC>(hp, w, op, d, begin, end);
+          });
+          return;
+        }
+      }
+#endif
       at::parallel_for(0, d.rows, grain, [&](int64_t begin, int64_t end) {
-        forward_rows<scalar_t, decltype(hc)::value, decltype(kc)::value>(
-            h_c.const_data_ptr<scalar_t>(), w, out.mutable_data_ptr<scalar_t>(), d, begin, end);
+        forward_rows<scalar_t, HC, KC>(hp, w, op, d, begin, end);
       });
     });
   });
@@ -487,10 +624,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_m
     const auto W2t = transposed(W2, F, K, H);
     const Weights<acc_t> w{W1.data(), B1.data(), W2.data(), nullptr, W1t.data(), W2t.data()};
     with_widths<scalar_t>(H, K, [&](auto hc, auto kc) {
+      constexpr int HC = decltype(hc)::value, KC = decltype(kc)::value;
+      const scalar_t* gp = g_c.const_data_ptr<scalar_t>();
+      const scalar_t* hp = h_c.const_data_ptr<scalar_t>();
+      scalar_t* dp = dh.mutable_data_ptr<scalar_t>();
+#if FASTCORE_WIDE_KERNELS
+      if constexpr (kWide<scalar_t, HC, KC>) {
+        if (cpu_has_v4()) {
+          partials.run([&](int64_t begin, int64_t end, double* part) {
+            backward_rows_wide<scalar_t, HC, KC>(gp, hp, w, dp, part, d, begin, end);
+          });
+          return;
+        }
+      }
+#endif
       partials.run([&](int64_t begin, int64_t end, double* part) {
-        backward_rows<scalar_t, decltype(hc)::value, decltype(kc)::value>(
-            g_c.const_data_ptr<scalar_t>(), h_c.const_data_ptr<scalar_t>(), w,
-            dh.mutable_data_ptr<scalar_t>(), part, d, begin, end);
+        backward_rows<scalar_t, HC, KC>(gp, hp, w, dp, part, d, begin, end);
       });
     });
     partials.write<scalar_t>({&dw1, &db1, &dw2, &db2});

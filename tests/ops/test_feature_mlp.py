@@ -1,6 +1,10 @@
 """fastcore.ops.feature_mlp (the feature_mlp operator and its backward) against
 fastcore.reference and torch's own layers."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,8 +112,9 @@ def test_gelu_matches_torch_over_its_range(hidden):
 @pytest.mark.parametrize("inner", [16, 32])
 def test_rows_same_bits_in_a_block_or_alone(inner):
     # float32 with H = 8 runs in blocks of 4 (K = 16) or 2 (K = 32) rows forward, 2 or 1
-    # backward, the rows left over one at a time: a row must give the same bits either way, forward and backward (where
-    # a block starts depends on the thread count's split of the rows).
+    # backward (on AVX-512: 8 or 4 forward, 6 or 3 backward), the rows left over one at a
+    # time: a row must give the same bits either way, forward and backward (where a block
+    # starts depends on the thread count's split of the rows).
     h, w1, b1, w2, b2 = inputs((11, 3, 8), inner, torch.float32, seed=70)
     grad = randn((11, 3, 8), torch.float32, "cpu", 71)
     backward = torch.ops.fastcore.feature_mlp_backward.default
@@ -122,6 +127,49 @@ def test_rows_same_bits_in_a_block_or_alone(inner):
             assert torch.equal(
                 dh[m : m + 1], backward(grad[m : m + 1], h[m : m + 1], w1, b1, w2)[0]
             ), m
+
+
+_BOTH_WIDTHS = """
+import sys, torch
+from fastcore import use_backend
+g = torch.Generator().manual_seed(5)
+out = []
+for shape, inner in [((4, 21, 33, 5, 8), 16), ((13, 3, 8), 32), ((7, 2, 8), 16), ((9, 4, 8), 8)]:
+    feats = shape[-2]
+    h = torch.randn(shape, generator=g) * 2
+    w1, b1 = torch.randn(feats, 8, inner, generator=g), torch.randn(feats, inner, generator=g)
+    w2, b2 = torch.randn(feats, inner, 8, generator=g), torch.randn(feats, 8, generator=g)
+    grad = torch.randn(shape, generator=g)
+    with use_backend("cpu"):
+        out.append(torch.ops.fastcore.feature_mlp(h, w1, b1, w2, b2))
+        out.extend(torch.ops.fastcore.feature_mlp_backward(grad, h, w1, b1, w2))
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_avx512_kernels_same_bits_as_avx2(tmp_path):
+    # On a CPU with AVX-512 the float32 H = 8 kernels with K a multiple of 16 hold 16 lanes
+    # of K per register; FASTCORE_AVX512=0 keeps the 8-lane kernels. Every lane does the same
+    # arithmetic in the same order: the same bits, forward and backward (on a CPU without
+    # AVX-512 both runs take the 8-lane kernels).
+    results = []
+    for name, env in (("narrow", {"FASTCORE_AVX512": "0"}), ("default", {})):
+        environment = {k: v for k, v in os.environ.items() if k != "FASTCORE_AVX512"}
+        environment.update(env)
+        path = tmp_path / f"{name}.pt"
+        proc = subprocess.run(
+            [sys.executable, "-c", _BOTH_WIDTHS, str(path)],
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        results.append(torch.load(path))
+    narrow, default = results
+    assert len(narrow) == len(default) == 4 * 6
+    for a, b in zip(narrow, default, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_gradcheck_to_second_order():
