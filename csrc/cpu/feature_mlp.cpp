@@ -20,8 +20,6 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <string_view>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -88,50 +86,6 @@ FASTCORE_INLINE float exp_nonpositive(float x) {
   float n;
   const float p = exp_scaled(x, n);
   return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-}
-
-// The values of `a` are read back one at a time (as broadcasts) from memory: without this
-// the compiler keeps a small array in vector registers and takes each value out with a
-// shuffle (AVX-512: an index broadcast and a permute per value, both on the one shuffle
-// port), where a broadcast from memory is a plain load.
-template <typename T>
-FASTCORE_INLINE void read_back_from_memory(T& a) {
-#if defined(__GNUC__)
-  asm("" : "+m"(a));
-#else
-  (void)a;
-#endif
-}
-
-// Vectors of L floats along K: 8 (AVX registers; two SSE ones in the baseline clones) or 16
-// (AVX-512 registers, in the x86-64-v4 kernels only). Every lane runs the same operations
-// in the same order at either width: the same bits.
-using v16 = float __attribute__((vector_size(64)));
-using v16i = int __attribute__((vector_size(64)));
-using v16u = float __attribute__((vector_size(64), aligned(4), may_alias));  // unaligned
-template <int L>
-struct Lanes;
-template <>
-struct Lanes<8> {
-  using f = v8;
-  using i = v8i;
-  using u = v8u;
-};
-template <>
-struct Lanes<16> {
-  using f = v16;
-  using i = v16i;
-  using u = v16u;
-};
-template <int L>
-using vec = typename Lanes<L>::f;
-template <int L>
-FASTCORE_INLINE vec<L> load_lanes(const float* p) {
-  return *reinterpret_cast<const typename Lanes<L>::u*>(p);
-}
-template <int L>
-FASTCORE_INLINE void store_lanes(float* p, vec<L> v) {
-  *reinterpret_cast<typename Lanes<L>::u*>(p) = v;
 }
 
 template <int L>
@@ -224,31 +178,12 @@ template <typename scalar_t, int HC, int KC>
 constexpr bool kVectors8 = std::is_same_v<scalar_t, float> && HC == 8 && KC > 0 && KC % 8 == 0;
 
 // The vector kernels with 16 lanes along K (AVX-512 registers): K a multiple of 16, on a CPU
-// with x86-64-v4 (AVX-512 F, BW, CD, DQ, VL). Half the multiply-add and GELU instructions
+// with x86-64-v4 (simd.h, cpu_has_v4). Half the multiply-add and GELU instructions
 // of the first layer and of the backward's K-wide terms; the same bits as the 8-lane ones
 // (each lane does the same arithmetic). A 2-core Xeon VM, fine level B16 T21 N215 F5 H8
 // K16: docs/benchmarks.md, "feature_mlp on AVX-512".
 template <typename scalar_t, int HC, int KC>
 constexpr bool kWide = kVectors8<scalar_t, HC, KC> && KC % 16 == 0;
-
-// FASTCORE_AVX512=0 in the environment (read once) keeps them off: the 8-lane kernels then
-// run everywhere (the tests compare the two).
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FASTCORE_WIDE_KERNELS 1
-#define FASTCORE_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
-inline bool cpu_has_v4() {
-  static const bool v4 = [] {
-    const char* env = std::getenv("FASTCORE_AVX512");
-    if (env && std::string_view(env) == "0") return false;
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512vl");
-  }();
-  return v4;
-}
-#else
-#define FASTCORE_WIDE_KERNELS 0
-#endif
 
 // float32 with H = 8 and K = L KV: a block's values held as vectors in registers (one row
 // of H, or L of a row's K), the matmuls as broadcast-times-row multiply-adds. Every

@@ -2,7 +2,9 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <utility>
 
 #if defined(__x86_64__)
@@ -164,5 +166,70 @@ FASTCORE_INLINE void transpose8(v8* r) {
 
 FASTCORE_INLINE v8 load8(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 FASTCORE_INLINE void store8(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
+
+// Vectors of L floats: 8 (AVX registers; two SSE ones in the baseline clones) or 16 (AVX-512
+// registers, in the x86-64-v4 kernels only). A kernel written for vec<L> runs the same
+// operations in the same order in every lane at either width: the same bits.
+using v16 = float __attribute__((vector_size(64)));
+using v16i = int __attribute__((vector_size(64)));
+using v16u = float __attribute__((vector_size(64), aligned(4), may_alias));  // unaligned
+template <int L>
+struct Lanes;
+template <>
+struct Lanes<8> {
+  using f = v8;
+  using i = v8i;
+  using u = v8u;
+};
+template <>
+struct Lanes<16> {
+  using f = v16;
+  using i = v16i;
+  using u = v16u;
+};
+template <int L>
+using vec = typename Lanes<L>::f;
+template <int L>
+FASTCORE_INLINE vec<L> load_lanes(const float* p) {
+  return *reinterpret_cast<const typename Lanes<L>::u*>(p);
+}
+template <int L>
+FASTCORE_INLINE void store_lanes(float* p, vec<L> v) {
+  *reinterpret_cast<typename Lanes<L>::u*>(p) = v;
+}
+
+// The values of `a` are read back one at a time (as broadcasts) from memory: without this
+// the compiler keeps a small array in vector registers and takes each value out with a
+// shuffle (AVX-512: an index broadcast and a permute per value, both on the one shuffle
+// port), where a broadcast from memory is a plain load.
+template <typename T>
+FASTCORE_INLINE void read_back_from_memory(T& a) {
+#if defined(__GNUC__)
+  asm("" : "+m"(a));
+#else
+  (void)a;
+#endif
+}
+
+// Kernels for CPUs with x86-64-v4 (AVX-512 F, BW, CD, DQ, VL), next to the target_clones
+// above: a function marked FASTCORE_TARGET_V4, called where cpu_has_v4(). FASTCORE_AVX512=0
+// in the environment (read once) keeps them off: the other kernels then run everywhere
+// (the tests compare the two).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTCORE_WIDE_KERNELS 1
+#define FASTCORE_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
+inline bool cpu_has_v4() {
+  static const bool v4 = [] {
+    const char* env = std::getenv("FASTCORE_AVX512");
+    if (env && std::string_view(env) == "0") return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  return v4;
+}
+#else
+#define FASTCORE_WIDE_KERNELS 0
+#endif
 
 }  // namespace fastcore
