@@ -440,7 +440,7 @@ FASTCORE_INLINE void backward_rows_of(const scalar_t* grad, const scalar_t* h,
                                       double* part, const Dims& d, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   // the vector kernels keep fewer rows in flight: at 4 rows of K = 16 their arrays spill
-  // (AVX-512's 32 registers hold 8: the wide kernels take twice as many)
+  // (AVX-512's 32 registers hold more: the wide kernels take 6 at K = 16, 3 at K = 32)
   constexpr int R = kVectors8<scalar_t, HC, KC> ? block_rows<KC, Wide ? 12 : 4>()
                                                 : block_rows<KC, 8>();
   const int64_t F = d.features, H = d.hidden, K = d.inner;
