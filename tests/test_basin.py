@@ -142,8 +142,12 @@ def test_model_matches_its_reference_layer_twin():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     grads = torch.autograd.grad((out - y).square().sum(), list(fast.parameters()))
     ref_grads = torch.autograd.grad((expected - y).square().sum(), list(ref.parameters()))
+    # The outputs agree to float32 rounding (above); each gradient then carries that
+    # difference relative to its own scale (about 1e-5 of its largest entry on a 2-core
+    # Xeon VM, whose MKL rounds differently from the EPYC VM's), so an element far below
+    # the largest is held to the tensor's scale, not to a fixed 1e-6.
     for g, r in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=max(1e-6, 5e-5 * r.abs().max().item()))
     assert all(g.abs().sum() > 0 for g in grads[:3])  # the input latents learn
 
 

@@ -222,9 +222,13 @@ def test_mixed_precision_parameters():
 
 @pytest.mark.parametrize(("device", "backend"), backend_params("kv_project"))
 def test_deterministic(device, backend):
+    # fastcore's kernels: the same bits whatever the thread count. The reference backend is
+    # PyTorch's own ops, whose reductions may split by thread count (on a 2-core Xeon VM
+    # dim_proj's gradient differs in the last bits between 1 and 2 threads): the same bits
+    # run to run at one thread count (docs/ops.md, the op contract).
     kv, head_mix, dim_proj, b, resample = build("gqa_12_to_2", torch.float32, device)
     runs = []
-    for threads in (1, 2, 2):
+    for threads in (2, 2) if backend == "reference" else (1, 2, 2):
         torch.set_num_threads(threads)
         with use_backend(backend):
             out = ops.kv_project(kv, head_mix, dim_proj, resample, b)
