@@ -289,7 +289,6 @@ FASTCORE_SIMD_CLONES void forward_rows(const scalar_t* h, const Weights<at::opma
   forward_rows_of<scalar_t, HC, KC, false>(h, w, out, d, begin, end);
 }
 
-#if FASTCORE_WIDE_KERNELS
 template <typename scalar_t, int HC, int KC>
 FASTCORE_TARGET_V4 void forward_rows_wide(const scalar_t* h,
                                           const Weights<at::opmath_type<scalar_t>>& w,
@@ -297,7 +296,6 @@ FASTCORE_TARGET_V4 void forward_rows_wide(const scalar_t* h,
                                           int64_t end) {
   forward_rows_of<scalar_t, HC, KC, true>(h, w, out, d, begin, end);
 }
-#endif
 
 // The parameter gradients of a tile, in acc_t: [dW1 (F H K) | db1 (F K) | dW2 (F K H) |
 // db2 (F H)].
@@ -466,7 +464,6 @@ FASTCORE_SIMD_CLONES void backward_rows(const scalar_t* grad, const scalar_t* h,
   backward_rows_of<scalar_t, HC, KC, false>(grad, h, w, dh, part, d, begin, end);
 }
 
-#if FASTCORE_WIDE_KERNELS
 template <typename scalar_t, int HC, int KC>
 FASTCORE_TARGET_V4 void backward_rows_wide(const scalar_t* grad, const scalar_t* h,
                                            const Weights<at::opmath_type<scalar_t>>& w,
@@ -474,7 +471,6 @@ FASTCORE_TARGET_V4 void backward_rows_wide(const scalar_t* grad, const scalar_t*
                                            int64_t begin, int64_t end) {
   backward_rows_of<scalar_t, HC, KC, true>(grad, h, w, dh, part, d, begin, end);
 }
-#endif
 
 // The kernels with H and K fixed at compile time for the common float32 widths (K = 2H or
 // 4H; unrolled, vectorised); every other case (and dtype) runs the general loops.
@@ -514,17 +510,10 @@ at::Tensor feature_mlp_cpu(const at::Tensor& h, const at::Tensor& w1, const at::
       constexpr int HC = decltype(hc)::value, KC = decltype(kc)::value;
       const scalar_t* hp = h_c.const_data_ptr<scalar_t>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
-#if FASTCORE_WIDE_KERNELS
-      if constexpr (kWide<scalar_t, HC, KC>) {
-        if (cpu_has_v4()) {
-          at::parallel_for(0, d.rows, grain, [&](int64_t begin, int64_t end) {
-            forward_rows_wide<scalar_t, HC, KC>(hp, w, op, d, begin, end);
-          });
-          return;
-        }
-      }
-#endif
       at::parallel_for(0, d.rows, grain, [&](int64_t begin, int64_t end) {
+        if constexpr (kWide<scalar_t, HC, KC>) {
+          if (cpu_has_v4()) return forward_rows_wide<scalar_t, HC, KC>(hp, w, op, d, begin, end);
+        }
         forward_rows<scalar_t, HC, KC>(hp, w, op, d, begin, end);
       });
     });
@@ -563,17 +552,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_m
       const scalar_t* gp = g_c.const_data_ptr<scalar_t>();
       const scalar_t* hp = h_c.const_data_ptr<scalar_t>();
       scalar_t* dp = dh.mutable_data_ptr<scalar_t>();
-#if FASTCORE_WIDE_KERNELS
-      if constexpr (kWide<scalar_t, HC, KC>) {
-        if (cpu_has_v4()) {
-          partials.run([&](int64_t begin, int64_t end, double* part) {
-            backward_rows_wide<scalar_t, HC, KC>(gp, hp, w, dp, part, d, begin, end);
-          });
-          return;
-        }
-      }
-#endif
       partials.run([&](int64_t begin, int64_t end, double* part) {
+        if constexpr (kWide<scalar_t, HC, KC>) {
+          if (cpu_has_v4())
+            return backward_rows_wide<scalar_t, HC, KC>(gp, hp, w, dp, part, d, begin, end);
+        }
         backward_rows<scalar_t, HC, KC>(gp, hp, w, dp, part, d, begin, end);
       });
     });

@@ -216,7 +216,6 @@ FASTCORE_INLINE void read_back_from_memory(T& a) {
 // in the environment (read once) keeps them off: the other kernels then run everywhere
 // (the tests compare the two).
 #if defined(__x86_64__) && defined(__GNUC__)
-#define FASTCORE_WIDE_KERNELS 1
 #define FASTCORE_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
 inline bool cpu_has_v4() {
   static const bool v4 = [] {
@@ -228,8 +227,9 @@ inline bool cpu_has_v4() {
   }();
   return v4;
 }
-#else
-#define FASTCORE_WIDE_KERNELS 0
+#else  // elsewhere the x86-64-v4 kernels are built for the target and never chosen
+#define FASTCORE_TARGET_V4
+inline bool cpu_has_v4() { return false; }
 #endif
 
 }  // namespace fastcore
