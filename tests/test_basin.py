@@ -21,7 +21,8 @@ from fastcore.data.basin import (
     static_attributes,
 )
 from fastcore.data.synthetic import synthetic_network
-from fastcore.models.basin import BasinGRU, HierarchicalBasinModel
+from fastcore.models.basin import BasinGRU, HierarchicalBasinModel, RiverGRUCell, _LastAndMean
+from fastcore.ops import spmm
 from fastcore.testing import LoopLayersBasinModel
 from fastcore.train.basin import causal_edges
 from fastcore.train.basin_report import climatology_forecast, persistence, report
@@ -149,6 +150,61 @@ def test_model_matches_its_reference_layer_twin():
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=max(1e-6, 5e-5 * r.abs().max().item()))
     assert all(g.abs().sum() > 0 for g in grads[:3])  # the input latents learn
+
+
+def test_river_gru_cell_prepare_and_step_are_its_forward():
+    net, model = tiny_model()
+    river = model.hierarchy.graphs(0)[0]
+    n = net.levels[0].num_basins
+    torch.manual_seed(2)
+    cell = RiverGRUCell(7, 5).double()
+    x, h = torch.randn(3, n, 7, dtype=torch.float64), torch.randn(3, n, 5, dtype=torch.float64)
+    x.requires_grad_()
+
+    def oracle(x, h):  # the cell's definition: GRU([x, A [x, h]], h) in one nn.GRUCell call
+        mixed = spmm(torch.cat([x, h], -1), river, cell.gate(river, x.dtype), dim=1)
+        flat = cell.cell(torch.cat([x, mixed], -1).reshape(3 * n, -1), h.reshape(3 * n, -1))
+        return flat.view(3, n, 5)
+
+    want = oracle(x, h)
+    want_grads = torch.autograd.grad(want.square().sum(), [x, *cell.parameters()])
+    for k in (0, 3, 7):  # k leading columns prepared once, the rest stepped
+        weight = cell.gate(river, x.dtype)
+        got = cell.step(x[..., k:], h, river, weight, cell.prepare(x[..., :k], river, weight))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad(got.square().sum(), [x, *cell.parameters()])
+        for g, w in zip(grads, want_grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cell(x, h, river), want, rtol=1e-12, atol=1e-12)
+    weight = cell.gate(river, x.dtype).detach()
+    with pytest.raises(ValueError, match="more than input_size 7"):
+        cell.prepare(torch.randn(3, n, 8, dtype=torch.float64), river, weight)
+    with pytest.raises(ValueError, match="expected input_size - k = 4"):
+        cell.step(x, h, river, weight, cell.prepare(x[..., :3], river, weight))
+
+
+def test_last_and_mean_gradients_are_autograds_bit_for_bit():
+    h = torch.randn(3, 6, 4, 2, 5, requires_grad=True)
+    g_last, g_mean = torch.randn(3, 4, 2, 5), torch.randn(3, 4, 2, 5)
+    last, mean = _LastAndMean.apply(h)
+    assert torch.equal(last, h[:, -1]) and torch.equal(mean, h.mean(1))
+    got = torch.autograd.grad((last, mean), h, (g_last, g_mean))[0]
+    want = torch.autograd.grad((h[:, -1], h.mean(1)), h, (g_last, g_mean))[0]
+    assert torch.equal(got, want)
+
+
+def test_embedding_is_the_per_variable_affine_map():
+    net, model = tiny_model()
+    x = inputs(net.levels[0].num_basins)[0]
+    got = model.embed(x)
+    static = model.static_proj(model.static)[:, None, :]
+    want = x[..., None] * model.in_weight + model.in_bias + static
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    params = [model.in_weight, model.in_bias, *model.static_proj.parameters()]
+    upstream = torch.randn_like(want)
+    grads = torch.autograd.grad(got, params, upstream)
+    for g, w in zip(grads, torch.autograd.grad(want, params, upstream), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_guards_count_and_never_pass_nan():

@@ -65,6 +65,26 @@ class _Guards:
         return out
 
 
+class _LastAndMean(torch.autograd.Function):
+    """``h (B, T, ...)`` -> ``(h[:, -1], h.mean(1))``, whose backward writes ``h``'s gradient
+    in one pass (``g_mean / T`` at every step, plus ``g_last`` at the last): autograd's
+    select and mean backwards write a zero tensor, a divided copy and their sum. The same
+    values as theirs, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.steps = h.shape[1]
+        return h[:, -1].clone(), h.mean(1)
+
+    @staticmethod
+    def backward(ctx, g_last: torch.Tensor, g_mean: torch.Tensor) -> torch.Tensor:
+        shape = (g_mean.shape[0], ctx.steps, *g_mean.shape[1:])
+        grad = torch.empty(shape, dtype=g_mean.dtype, device=g_mean.device)
+        grad.copy_((g_mean / ctx.steps).unsqueeze(1).expand(shape))
+        grad[:, -1] += g_last
+        return grad
+
+
 def _nan_guard(x: torch.Tensor, guards: _Guards) -> torch.Tensor:
     bad = ~torch.isfinite(x)
     guards.add("nonfinite_inputs", bad.sum())
@@ -119,22 +139,70 @@ class RiverGRUCell(nn.Module):
     downstream neighbours hold: ``h' = GRU([x, A [x, h]], h)``, ``A`` the river graph
     weighted by a learned gate over the edge attributes (one :func:`fastcore.ops.spmm`
     call per step). Unlike :class:`~fastcore.nn.GraphGRUCell`, whose gates read only the
-    graph-mixed input, the basin's own input and state enter at full weight."""
+    graph-mixed input, the basin's own input and state enter at full weight.
+
+    Over a sequence whose leading input columns stay the same (the decoder's context),
+    :meth:`prepare` computes their part of the input gates once and :meth:`step` mixes
+    and projects only the columns that change: the same function, a fraction of the
+    work per step. The parameters are those of ``nn.GRUCell(2 * input_size + hidden,
+    hidden)`` (``self.cell``) and of the gate."""
 
     def __init__(self, input_size: int, hidden: int, edge_dim: int = 3) -> None:
         super().__init__()
+        self.input_size, self.hidden = input_size, hidden
         self.gate = EdgeGate(edge_dim, "sym")
         self.cell = nn.GRUCell(2 * input_size + hidden, hidden)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, graph: Graph) -> torch.Tensor:
         """``x (B, N, I)``, ``h (B, N, H)`` -> ``h' (B, N, H)``."""
+        weight = self.gate(graph, x.dtype)
+        return self.step(x, h, graph, weight, self.prepare(x[..., :0], graph, weight))
+
+    def prepare(
+        self, fixed: torch.Tensor, graph: Graph, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
+        """The input gates' part from the first ``k`` input columns, ``fixed (B, N, k)``,
+        which :meth:`step` then leaves out of ``x``: ``b_ih + [fixed, A fixed] W^T`` over
+        those columns of ``W_ih``, as ``((B*N, 3H), k)``. ``weight``: the gate's edge
+        weights, ``self.gate(graph, dtype)``."""
+        batch, nodes, k = fixed.shape
+        if k > self.input_size:
+            raise ValueError(f"fixed has {k} columns, more than input_size {self.input_size}")
+        bias = self.cell.bias_ih
+        if k == 0:
+            return bias.expand(batch * nodes, -1), 0
+        i = self.input_size
+        w = torch.cat([self.cell.weight_ih[:, :k], self.cell.weight_ih[:, i : i + k]], 1)
+        both = torch.cat([fixed, spmm(fixed, graph, weight, dim=1)], -1)
+        return torch.addmm(bias, both.reshape(batch * nodes, 2 * k), w.t()), k
+
+    def step(
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        graph: Graph,
+        weight: torch.Tensor,
+        prepared: tuple[torch.Tensor, int],
+    ) -> torch.Tensor:
+        """One step: ``x (B, N, I - k)`` the input columns after the ``k`` that
+        :meth:`prepare` took, ``h (B, N, H)`` -> ``h' (B, N, H)``."""
         batch, nodes, _ = x.shape
-        own = torch.cat([x, h], -1)
-        mixed = spmm(own, graph, self.gate(graph, x.dtype), dim=1)
-        out = self.cell(
-            torch.cat([x, mixed], -1).reshape(batch * nodes, -1), h.reshape(batch * nodes, -1)
-        )
-        return out.view(batch, nodes, -1)
+        gates_x, k = prepared
+        i, rows = self.input_size, batch * nodes
+        if x.shape[-1] != i - k:
+            raise ValueError(f"x has {x.shape[-1]} columns, expected input_size - k = {i - k}")
+        mixed = spmm(torch.cat([x, h], -1), graph, weight, dim=1)  # [A x, A h]
+        w_ih = self.cell.weight_ih
+        if k:  # the columns of x's last I - k inputs, then of the mix
+            w_ih = torch.cat([w_ih[:, k:i], w_ih[:, i + k :]], 1)
+        gi = torch.addmm(gates_x, torch.cat([x, mixed], -1).reshape(rows, -1), w_ih.t())
+        flat = h.reshape(rows, self.hidden)
+        gh = torch.addmm(self.cell.bias_hh, flat, self.cell.weight_hh.t())
+        i_r, i_z, i_n = gi.chunk(3, 1)
+        h_r, h_z, h_n = gh.chunk(3, 1)
+        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        n = torch.tanh(torch.addcmul(i_n, r, h_n))
+        return torch.addcmul(n, flat - n, z).view(batch, nodes, self.hidden)  # (1 - z) n + z h
 
 
 class _Decoder(nn.Module):
@@ -164,12 +232,17 @@ class _Decoder(nn.Module):
         batch, steps, nodes = future.shape[:3]
         h = torch.tanh(self.init(context))
         q_prev = last_q
+        future = _nan_guard(future, guards)
+        if graph is not None:  # the context's share of the input gates, once
+            weight = self.cell.gate(graph, context.dtype)
+            prepared = self.cell.prepare(context, graph, weight)
         preds = []
         for k in range(steps):
-            inp = torch.cat([context, _nan_guard(future[:, k], guards), q_prev[..., None]], -1)
             if graph is not None:
-                h = self.cell(inp, h, graph)
+                inp = torch.cat([future[:, k], q_prev[..., None]], -1)
+                h = self.cell.step(inp, h, graph, weight, prepared)
             else:
+                inp = torch.cat([context, future[:, k], q_prev[..., None]], -1)
                 flat = self.cell(inp.reshape(batch * nodes, -1), h.reshape(batch * nodes, -1))
                 h = flat.view(batch, nodes, -1)
             q = self.head(h, q_prev, guards)
@@ -267,11 +340,27 @@ class HierarchicalBasinModel(nn.Module):
         """Run the ``index``-th per-variable MLP (0-2 down the levels, 3-4 back up)."""
         return self.mlps[index](h)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, T, N, F)`` -> the latents ``(B, T, N, F, H)``:
+        ``x[..., f] * in_weight[f] + in_bias[f] + static_proj(static)[n]``, for finite ``x``
+        (:meth:`encode` replaces non-finite inputs first: through the zeros below, an
+        infinite entry would turn its whole row NaN).
+
+        One matrix product writes them: ``x (BTN, F)`` times the block-diagonal ``(F, F*H)``
+        whose row f holds ``in_weight[f]`` in columns ``f*H .. f*H+H`` (each output entry is
+        ``x * w`` plus exact zeros), then the ``(N, F, H)`` bias is added (out of place: in
+        place on the view, autograd would copy the gradient twice). Its backward is a
+        product ``x^T grad`` and one sum over ``B*T`` rows, where broadcasting
+        ``x[..., None] * in_weight`` costs several passes over the latents each way."""
+        batch, steps, nodes, features = x.shape
+        weight = torch.block_diag(*self.in_weight.unsqueeze(1))  # (F, F*H)
+        bias = self.in_bias + self.static_proj(self.static)[:, None, :]  # (N, F, H)
+        h = torch.mm(x.reshape(-1, features), weight)
+        return h.view(batch, steps, nodes, features, self.hidden) + bias
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, T, N, F)`` -> the context ``(B, N, decoder_hidden)``."""
-        x = _nan_guard(x, self.guards)
-        h = x[..., None] * self.in_weight + self.in_bias
-        h = h + self.static_proj(self.static)[:, None, :]
+        h = self.embed(_nan_guard(x, self.guards))
         states = []
         for level in range(3):
             if level:
@@ -284,14 +373,14 @@ class HierarchicalBasinModel(nn.Module):
             h = self.unpool(h, self.hierarchy, level, skip=states[level])
             h = self.mlp(3 + level, self.block(self.up[level][0], h, level))
             states[level] = h
-        last = [s[:, -1] for s in states]  # (B, N_l, F, H)
+        last_fine, summary = _LastAndMean.apply(states[0])  # summary: averaged over the window
+        last = [last_fine] + [s[:, -1] for s in states[1:]]  # (B, N_l, F, H)
         medium_on_fine = self.unpool_nodes(last[1], self.hierarchy, 0)
         coarse_on_fine = self.unpool_nodes(
             self.unpool_nodes(last[2], self.hierarchy, 1), self.hierarchy, 0
         )
         w = torch.softmax(self.fusion, 0)
         fused = w[0] * last[0] + w[1] * medium_on_fine + w[2] * coarse_on_fine
-        summary = states[0].mean(1)  # the fine state averaged over the window
         return self.readout(torch.cat([fused.flatten(2), summary.flatten(2)], -1))
 
     def forward(

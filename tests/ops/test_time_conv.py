@@ -22,7 +22,10 @@ SHAPES = [
     ((1, 21, 215, 40), 7),  # the basin model's fine level, one sample
     ((2, 6, 5), 2),  # 3-D: no middle dims
     ((2, 7, 3, 13), 3),  # C = 13: float32 sums one vector of 8 channels, then 5 alone
+    ((2, 14, 3, 12), 10),  # K = 10 > 8: the float32 weight gradient's taps in two groups
 ]
+# the weight gradient's float32 tiles: taps in groups of up to 8, vectors of 8 channels
+GRAD_SHAPES = [((3, 8, 5, 6), 4), ((2, 14, 3, 12), 10), ((2, 9, 7, 16), 3), ((2, 3, 4, 8), 5)]
 
 
 def loop(x, weight, bias, reverse):
@@ -56,12 +59,13 @@ def test_matches_the_loop(device, backend, dtype, shape, taps, reverse):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize(("shape", "taps"), GRAD_SHAPES)
 @pytest.mark.parametrize(("device", "backend", "dtype"), backend_dtype_params("time_conv", FLOATS))
-def test_gradients_match_the_reference(device, backend, dtype, reverse):
-    x = randn((3, 8, 5, 6), dtype, device, seed=4).requires_grad_()
-    w = randn((4, 6), dtype, device, seed=5).requires_grad_()
-    b = randn((6,), dtype, device, seed=6).requires_grad_()
-    grad = randn((3, 8, 5, 6), dtype, device, seed=7)
+def test_gradients_match_the_reference(device, backend, dtype, shape, taps, reverse):
+    x = randn(shape, dtype, device, seed=4).requires_grad_()
+    w = randn((taps, shape[-1]), dtype, device, seed=5).requires_grad_()
+    b = randn((shape[-1],), dtype, device, seed=6).requires_grad_()
+    grad = randn(shape, dtype, device, seed=7)
     with use_backend(backend):
         got = torch.autograd.grad(ops.time_conv(x, w, b, reverse=reverse), (x, w, b), grad)
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
