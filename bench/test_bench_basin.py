@@ -1,6 +1,6 @@
 """Training throughput of the basin model: fastcore layers vs the reference (loop) layers.
 
-One optimizer step (forward, backward, AdamW) of :class:`HierarchicalBasinModel` on a batch
+One optimizer step (forward, backward, the trainer's AdamW) of :class:`HierarchicalBasinModel` on a batch
 of Rhine windows, built as the basin job builds it (``configs/basin.yaml``: 215 / 33 / 9
 basins, 5 inputs, lookback 21, horizon 5), once with fastcore's layers and once as
 :class:`fastcore.testing.LoopLayersBasinModel`: the same parameters on the per-time-step loop
@@ -17,6 +17,7 @@ from fastcore.testing import LoopLayersBasinModel
 from fastcore.train.basin import build
 from fastcore.train.cli import resolve_config
 from fastcore.train.jobs import JobContext
+from fastcore.train.trainer import adamw
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -33,7 +34,7 @@ def make_step(loop_layers: bool, batch: int):
         model = LoopLayersBasinModel.sharing(model)
     items = [parts.train_set[i] for i in range(batch)]
     x, future, y = (torch.stack([it[k] for it in items]).to(DEVICE) for k in range(3))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw(model.parameters(), lr=1e-4)  # the trainer's optimizer
 
     def step():
         loss, _ = parts.loss_fn(model, (x, future, y))
