@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastcore import _backend, reference
-from fastcore.ops._autograd import composite_grads
+from fastcore.ops._autograd import call, composite_grads, register_autograd
 from fastcore.ops._checks import FLOAT_DTYPES, check_dtype, check_like
 
 # Where the kernel does not run, the composite (the reference's two einsums and the GELU).
@@ -53,7 +53,7 @@ def _register() -> None:
             return tuple(composite_grads(reference.feature_mlp, ctx.saved_tensors, grad))
         return backward_op(grad.contiguous(), h, w1, b1, w2)
 
-    torch.library.register_autograd(op, backward, setup_context=setup)
+    register_autograd(op, backward, setup_context=setup)
 
 
 if _backend._C is not None:
@@ -103,4 +103,4 @@ def feature_mlp(
     check_like(h, expected, (w1, b1, w2, b2), "feature_mlp")
     if _backend.resolve("feature_mlp", h.device) in ("composite", "reference"):
         return reference.feature_mlp(h, w1, b1, w2, b2)
-    return torch.ops.fastcore.feature_mlp(h.contiguous(), w1, b1, w2, b2)
+    return call(torch.ops.fastcore.feature_mlp, h.contiguous(), w1, b1, w2, b2)

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from fastcore import _backend, reference
+from fastcore.ops._autograd import call, register_autograd
 from fastcore.ops._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -126,11 +127,9 @@ def _register_family(gather_name: str, gather_add_name: str, csr_sum_name: str) 
         rows = segment_of(perm, ptr, ctx.size)
         return gather_op(grad, rows, ctx.dim, False), None, None, None, None
 
-    torch.library.register_autograd(gather_op, gather_backward, setup_context=gather_setup)
-    torch.library.register_autograd(
-        gather_add_op, gather_add_backward, setup_context=gather_add_setup
-    )
-    torch.library.register_autograd(csr_sum_op, csr_sum_backward, setup_context=csr_sum_setup)
+    register_autograd(gather_op, gather_backward, setup_context=gather_setup)
+    register_autograd(gather_add_op, gather_add_backward, setup_context=gather_add_setup)
+    register_autograd(csr_sum_op, csr_sum_backward, setup_context=csr_sum_setup)
 
 
 _register_family("gather_triton", "gather_add_triton", "csr_sum_triton")
@@ -184,7 +183,7 @@ def gather(
             index = index_in_range(index, src.shape[dim], "gather", "index", dim)
         return reference.gather(src, index, dim)
     op = torch.ops.fastcore.gather_triton if backend == "triton" else torch.ops.fastcore.gather
-    return op(src, index, dim, check)
+    return call(op, src, index, dim, check)
 
 
 def gather_add(
@@ -240,4 +239,4 @@ def gather_add(
         if backend == "triton"
         else torch.ops.fastcore.gather_add
     )
-    return op(src, index, base, dim, check)
+    return call(op, src, index, base, dim, check)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcore import _backend, reference
-from fastcore.ops._autograd import composite_grads
+from fastcore.ops._autograd import call, composite_grads, register_autograd
 from fastcore.ops._checks import FLOAT_DTYPES, check_dtype, check_like
 
 _backend.register_op("linear_norm_residual", ("reference", "cpu"), gpu_order=(), composite=True)
@@ -80,7 +80,7 @@ def _register() -> None:
             )
         return d_h, grad, d_w, d_b, d_g, d_be, None, None
 
-    torch.library.register_autograd(op, backward, setup_context=setup)
+    register_autograd(op, backward, setup_context=setup)
 
 
 if _backend._C is not None:
@@ -120,6 +120,14 @@ def linear_norm_residual(
     backend = _backend.resolve("linear_norm_residual", h.device)
     if backend in ("composite", "reference"):
         return _composite(h, x, weight, bias, gamma, beta, res_scale, eps)
-    return torch.ops.fastcore.linear_norm_residual(
-        h.contiguous(), x.contiguous(), weight, bias, gamma, beta, float(res_scale), float(eps)
+    return call(
+        torch.ops.fastcore.linear_norm_residual,
+        h.contiguous(),
+        x.contiguous(),
+        weight,
+        bias,
+        gamma,
+        beta,
+        float(res_scale),
+        float(eps),
     )

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from fastcore import _backend, reference
+from fastcore.ops._autograd import call, register_autograd
 from fastcore.ops._checks import (
     FLOAT_DTYPES,
     check_csr,
@@ -126,10 +127,8 @@ def _register_family(reduce_name: str, arg_scatter_name: str, gather_name: str) 
         (arg,) = ctx.saved_tensors
         return _gather_at_arg(grad, arg, ctx.dim), None, None, None
 
-    torch.library.register_autograd(reduce_op, reduce_backward, setup_context=reduce_setup)
-    torch.library.register_autograd(
-        arg_scatter_op, arg_scatter_backward, setup_context=arg_scatter_setup
-    )
+    register_autograd(reduce_op, reduce_backward, setup_context=reduce_setup)
+    register_autograd(arg_scatter_op, arg_scatter_backward, setup_context=arg_scatter_setup)
 
 
 _register_family("segment_reduce_triton", "segment_arg_scatter_triton", "gather_triton")
@@ -168,8 +167,8 @@ def _segment_reduce(
             ptr = csr_in_range(ptr, perm, src.shape[dim], op, dim)
         return reference.segment_reduce(src, perm, ptr, dim, reduce)
     if backend == "triton":
-        return torch.ops.fastcore.segment_reduce_triton(src, perm, ptr, dim, reduce, check)
-    return torch.ops.fastcore.segment_reduce(src, perm, ptr, dim, reduce, check)
+        return call(torch.ops.fastcore.segment_reduce_triton, src, perm, ptr, dim, reduce, check)
+    return call(torch.ops.fastcore.segment_reduce, src, perm, ptr, dim, reduce, check)
 
 
 def segment_csr(

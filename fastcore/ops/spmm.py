@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from fastcore import _backend, reference
+from fastcore.ops._autograd import call, register_autograd
 from fastcore.ops._checks import (
     FLOAT_DTYPES,
     check_csr,
@@ -143,8 +144,8 @@ def _register_family(spmm_name: str, edge_grad_name: str) -> None:
             d_x = transpose_apply(grad, upstream, *structure, ctx.dim, False)
         return d_grad, d_x, *([None] * 7)
 
-    torch.library.register_autograd(spmm_op, spmm_backward, setup_context=spmm_setup)
-    torch.library.register_autograd(edge_grad_op, edge_grad_backward, setup_context=edge_grad_setup)
+    register_autograd(spmm_op, spmm_backward, setup_context=spmm_setup)
+    register_autograd(edge_grad_op, edge_grad_backward, setup_context=edge_grad_setup)
 
 
 _register_family("spmm_triton", "spmm_edge_grad_triton")
@@ -255,4 +256,4 @@ def apply_csr(
         _check_layout(x, structure[0], dim, residual)
         return reference.spmm_csr(x, weight, structure[0], structure[1], dim, residual)
     op = torch.ops.fastcore.spmm_triton if backend == "triton" else torch.ops.fastcore.spmm
-    return op(x, weight, *structure, dim, residual, False)
+    return call(op, x, weight, *structure, dim, residual, False)

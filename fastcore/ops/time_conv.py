@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from fastcore import _backend
+from fastcore.ops._autograd import call, register_autograd
 from fastcore.ops._checks import FLOAT_DTYPES, check_dtype
 
 # The Triton kernels are checked on the CPU interpreter only so far: until they are
@@ -113,10 +114,8 @@ def _register_family(conv_name: str, weight_grad_name: str) -> None:
             d_x = conv(grad, upstream, None, not ctx.reverse)
         return d_grad, d_x, None, None
 
-    torch.library.register_autograd(conv, conv_backward, setup_context=conv_setup)
-    torch.library.register_autograd(
-        weight_grad, weight_grad_backward, setup_context=weight_grad_setup
-    )
+    register_autograd(conv, conv_backward, setup_context=conv_setup)
+    register_autograd(weight_grad, weight_grad_backward, setup_context=weight_grad_setup)
 
 
 _register_family("time_conv_triton", "time_conv_weight_grad_triton")
@@ -184,4 +183,4 @@ def time_conv(
     op = (
         torch.ops.fastcore.time_conv_triton if backend == "triton" else torch.ops.fastcore.time_conv
     )
-    return op(x.contiguous(), weight, bias, reverse)
+    return call(op, x.contiguous(), weight, bias, reverse)
