@@ -160,21 +160,22 @@ class RiverGRUCell(nn.Module):
 
     def prepare(
         self, fixed: torch.Tensor, graph: Graph, weight: torch.Tensor
-    ) -> tuple[torch.Tensor, int]:
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The input gates' part from the first ``k`` input columns, ``fixed (B, N, k)``,
         which :meth:`step` then leaves out of ``x``: ``b_ih + [fixed, A fixed] W^T`` over
-        those columns of ``W_ih``, as ``((B*N, 3H), k)``. ``weight``: the gate's edge
-        weights, ``self.gate(graph, dtype)``."""
+        those columns of ``W_ih`` as ``(B*N, 3H)``, next to the columns of ``W_ih`` that
+        :meth:`step` projects (cut out once here, not at every step) and ``k``. ``weight``:
+        the gate's edge weights, ``self.gate(graph, dtype)``."""
         batch, nodes, k = fixed.shape
         if k > self.input_size:
             raise ValueError(f"fixed has {k} columns, more than input_size {self.input_size}")
-        bias = self.cell.bias_ih
+        bias, w_ih, i = self.cell.bias_ih, self.cell.weight_ih, self.input_size
         if k == 0:
-            return bias.expand(batch * nodes, -1), 0
-        i = self.input_size
-        w = torch.cat([self.cell.weight_ih[:, :k], self.cell.weight_ih[:, i : i + k]], 1)
+            return bias.expand(batch * nodes, -1), w_ih, 0
+        w_fixed = torch.cat([w_ih[:, :k], w_ih[:, i : i + k]], 1)
+        w_rest = torch.cat([w_ih[:, k:i], w_ih[:, i + k :]], 1)  # x's last I - k, then the mix
         both = torch.cat([fixed, spmm(fixed, graph, weight, dim=1)], -1)
-        return torch.addmm(bias, both.reshape(batch * nodes, 2 * k), w.t()), k
+        return torch.addmm(bias, both.reshape(batch * nodes, 2 * k), w_fixed.t()), w_rest, k
 
     def step(
         self,
@@ -182,19 +183,16 @@ class RiverGRUCell(nn.Module):
         h: torch.Tensor,
         graph: Graph,
         weight: torch.Tensor,
-        prepared: tuple[torch.Tensor, int],
+        prepared: tuple[torch.Tensor, torch.Tensor, int],
     ) -> torch.Tensor:
         """One step: ``x (B, N, I - k)`` the input columns after the ``k`` that
         :meth:`prepare` took, ``h (B, N, H)`` -> ``h' (B, N, H)``."""
         batch, nodes, _ = x.shape
-        gates_x, k = prepared
+        gates_x, w_ih, k = prepared
         i, rows = self.input_size, batch * nodes
         if x.shape[-1] != i - k:
             raise ValueError(f"x has {x.shape[-1]} columns, expected input_size - k = {i - k}")
         mixed = spmm(torch.cat([x, h], -1), graph, weight, dim=1)  # [A x, A h]
-        w_ih = self.cell.weight_ih
-        if k:  # the columns of x's last I - k inputs, then of the mix
-            w_ih = torch.cat([w_ih[:, k:i], w_ih[:, i + k :]], 1)
         gi = torch.addmm(gates_x, torch.cat([x, mixed], -1).reshape(rows, -1), w_ih.t())
         flat = h.reshape(rows, self.hidden)
         gh = torch.addmm(self.cell.bias_hh, flat, self.cell.weight_hh.t())
