@@ -21,7 +21,8 @@ from fastcore.data.basin import (
     static_attributes,
 )
 from fastcore.data.synthetic import synthetic_network
-from fastcore.models.basin import BasinGRU, HierarchicalBasinModel, RiverGRUCell, _LastAndMean
+from fastcore.models.basin import BasinGRU, HierarchicalBasinModel, RiverGRUCell
+from fastcore.nn.spatiotemporal import last_and_mean
 from fastcore.ops import spmm
 from fastcore.testing import LoopLayersBasinModel
 from fastcore.train.basin import causal_edges
@@ -186,7 +187,7 @@ def test_river_gru_cell_prepare_and_step_are_its_forward():
 def test_last_and_mean_gradients_are_autograds_bit_for_bit():
     h = torch.randn(3, 6, 4, 2, 5, requires_grad=True)
     g_last, g_mean = torch.randn(3, 4, 2, 5), torch.randn(3, 4, 2, 5)
-    last, mean = _LastAndMean.apply(h)
+    last, mean = last_and_mean(h)
     assert torch.equal(last, h[:, -1]) and torch.equal(mean, h.mean(1))
     got = torch.autograd.grad((last, mean), h, (g_last, g_mean))[0]
     want = torch.autograd.grad((h[:, -1], h.mean(1)), h, (g_last, g_mean))[0]

@@ -43,7 +43,7 @@ from torch import nn
 
 from fastcore.graph import Hierarchy
 from fastcore.nn import GraphPooling, GraphUnpooling, SampleUniform, SpatioTemporalBlock
-from fastcore.nn.spatiotemporal import EdgeGate
+from fastcore.nn.spatiotemporal import EdgeGate, last_and_mean
 from fastcore.ops import Graph, feature_mlp, spmm
 
 
@@ -63,26 +63,6 @@ class _Guards:
         out = {k: float(v) for k, v in self.counts.items()}
         self.counts = {}
         return out
-
-
-class _LastAndMean(torch.autograd.Function):
-    """``h (B, T, ...)`` -> ``(h[:, -1], h.mean(1))``, whose backward writes ``h``'s gradient
-    in one pass (``g_mean / T`` at every step, plus ``g_last`` at the last): autograd's
-    select and mean backwards write a zero tensor, a divided copy and their sum. The same
-    values as theirs, bit for bit."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.steps = h.shape[1]
-        return h[:, -1].clone(), h.mean(1)
-
-    @staticmethod
-    def backward(ctx, g_last: torch.Tensor, g_mean: torch.Tensor) -> torch.Tensor:
-        shape = (g_mean.shape[0], ctx.steps, *g_mean.shape[1:])
-        grad = torch.empty(shape, dtype=g_mean.dtype, device=g_mean.device)
-        grad.copy_((g_mean / ctx.steps).unsqueeze(1).expand(shape))
-        grad[:, -1] += g_last
-        return grad
 
 
 def _nan_guard(x: torch.Tensor, guards: _Guards) -> torch.Tensor:
@@ -371,7 +351,7 @@ class HierarchicalBasinModel(nn.Module):
             h = self.unpool(h, self.hierarchy, level, skip=states[level])
             h = self.mlp(3 + level, self.block(self.up[level][0], h, level))
             states[level] = h
-        last_fine, summary = _LastAndMean.apply(states[0])  # summary: averaged over the window
+        last_fine, summary = last_and_mean(states[0])  # summary: averaged over the window
         last = [last_fine] + [s[:, -1] for s in states[1:]]  # (B, N_l, F, H)
         medium_on_fine = self.unpool_nodes(last[1], self.hierarchy, 0)
         coarse_on_fine = self.unpool_nodes(

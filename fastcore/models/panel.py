@@ -61,6 +61,7 @@ from torch import Tensor, nn
 
 from fastcore import losses
 from fastcore.nn import GraphGRUCell, SampleDropout, SpatioTemporalBlock, make_head
+from fastcore.nn.spatiotemporal import last_and_mean
 from fastcore.ops import Graph, spmm
 
 DISTRIBUTIONS = ("gaussian", "poisson", "nb", "zinb")
@@ -297,7 +298,7 @@ class PanelForecaster(nn.Module):
             for t in range(steps):
                 state = self.cell(h[:, t], state, self.graph)
             return state
-        return torch.tanh(self.pool(torch.cat([h[:, -1], h.mean(1)], -1)))
+        return torch.tanh(self.pool(torch.cat(last_and_mean(h), -1)))
 
     def decode(
         self, state: Tensor, season_y: Tensor | None = None, cov_y: Tensor | None = None

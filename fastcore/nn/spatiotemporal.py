@@ -80,6 +80,32 @@ class EdgeGate(nn.Module):
         return weight * gate
 
 
+class _LastAndMean(torch.autograd.Function):
+    """``h (B, T, ...)`` -> ``(h[:, -1], h.mean(1))``, whose backward writes ``h``'s gradient
+    in one pass (``g_mean / T`` at every step, plus ``g_last`` at the last): autograd's
+    select and mean backwards write a zero tensor, a divided copy and their sum. The same
+    values as theirs, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.steps = h.shape[1]
+        return h[:, -1].clone(), h.mean(1)
+
+    @staticmethod
+    def backward(ctx, g_last: torch.Tensor, g_mean: torch.Tensor) -> torch.Tensor:
+        shape = (g_mean.shape[0], ctx.steps, *g_mean.shape[1:])
+        grad = torch.empty(shape, dtype=g_mean.dtype, device=g_mean.device)
+        grad.copy_((g_mean / ctx.steps).unsqueeze(1).expand(shape))
+        grad[:, -1] += g_last
+        return grad
+
+
+def last_and_mean(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h (B, T, ...)`` -> ``(h[:, -1], h.mean(1))``, the last step and the mean over time
+    (a window's summary), with the one-pass backward of :class:`_LastAndMean`."""
+    return _LastAndMean.apply(h)
+
+
 class SpatioTemporalBlock(nn.Module):
     """One block over a hidden state ``(B, T, N, F, H)`` (or ``(B, T, N, H)`` when F = 1):
 
