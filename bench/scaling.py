@@ -2,7 +2,7 @@
 and with the training layer's allocator setting, beside the baselines and the machine's copy
 bandwidth measured at the same size.
 
-    .venv/bin/python bench/scaling.py                # both settings, each in its own process
+    .venv/bin/python bench/scaling.py                # the three settings, each in its own process
     .venv/bin/python bench/scaling.py --quick        # 1k and 10k only (a minute)
 
 Cases: ``x [BT, N, 64]`` float32 with (BT, N) = (64, 1k), (64, 10k), (16, 100k), (2, 1M);
@@ -21,9 +21,12 @@ is the op's minimal traffic (bytes read + written once) over its time, as a frac
 preallocated tensor at that size (the machine's bandwidth, no allocation: the ops pay for
 their output's, so the plain setting's page faults count against them).
 
-``plain``: the process as a user starts it. ``kept``: the allocator setting the training
-layer switches on (``fastcore.train.allocator.keep_freed_memory``). Each setting runs in its
-own process. Results: ``bench/results/<machine>-<date>-scaling.{json,md,png}``.
+``plain``: the process as a user starts it (fastcore's operators allocate their outputs
+from the blocks their earlier outputs freed, ``fastcore.ops.memory``, on by default; every
+other tensor from malloc). ``kept``: the allocator setting the training layer switches on
+(``fastcore.train.allocator.keep_freed_memory``: every CPU tensor through that cache).
+``uncached``: ``FASTCORE_CPU_CACHE=0``, everything from malloc, as before the operators had
+the cache (each call pays its output's page faults). Each setting runs in its own process. Results: ``bench/results/<machine>-<date>-scaling.{json,md,png}``.
 
 ``--device cuda`` runs the same sweep on the GPU (one setting, ``cuda``: PyTorch's caching
 allocator; every call synchronised), as ``make gpu-check``'s long set does.
@@ -209,8 +212,13 @@ def child(setting: str, cases, min_time: float) -> list[dict]:
         from fastcore.train.allocator import keep_freed_memory
 
         print(f"[{setting}] {keep_freed_memory()}", flush=True)
+    elif setting == "uncached":
+        from fastcore.ops import memory
+
+        memory.cache_outputs(False)
+        print(f"[{setting}] FASTCORE_CPU_CACHE=0: the operators' outputs from malloc", flush=True)
     else:
-        print(f"[{setting}] the allocator as the process starts", flush=True)
+        print(f"[{setting}] the process as it starts (the operators' output cache on)", flush=True)
     out = []
     for bt, n in cases:
         for row in measure(bt, n, min_time):
@@ -251,7 +259,7 @@ def write_report(rows: list[dict], stem: Path, info: dict) -> None:
     ops_ = list(dict.fromkeys(r["op"] for r in rows))
     fig, axes = plt.subplots(1, len(ops_), figsize=(4 * len(ops_), 3.6), sharey=False)
     for ax, op in zip(axes, ops_, strict=True):
-        for setting, style in (("plain", "-"), ("kept", "--"), ("cuda", ":")):
+        for setting, style in (("plain", "-"), ("kept", "--"), ("uncached", "-."), ("cuda", ":")):
             sel = [r for r in rows if r["op"] == op and r["setting"] == setting]
             if not sel:
                 continue
@@ -273,7 +281,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1k and 10k nodes only")
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
-    parser.add_argument("--settings", default=None, help="default: plain,kept (cpu), cuda")
+    parser.add_argument("--settings", default=None, help="default: plain,kept,uncached (cpu), cuda")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -285,7 +293,7 @@ def main() -> None:
         rows = child(args.child, cases, args.min_time)
         Path(args.out).write_text(json.dumps(rows))
         return
-    settings = args.settings or ("cuda" if args.device == "cuda" else "plain,kept")
+    settings = args.settings or ("cuda" if args.device == "cuda" else "plain,kept,uncached")
     rows = []
     for setting in settings.split(","):
         tmp = ROOT / "bench" / f".scaling-{setting}.json"

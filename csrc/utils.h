@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -25,6 +26,26 @@ inline Fold fold_at(const at::Tensor& t, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) f.outer *= t.size(d);
   for (int64_t d = dim + 1; d < t.dim(); ++d) f.inner *= t.size(d);
   return f;
+}
+
+// The caching CPU allocator (csrc/cpu/cpu_cache.cpp) while fastcore's operators keep the
+// freed blocks of their outputs for reuse (on by default; fastcore.ops.memory), else nullptr.
+c10::Allocator* output_allocator();
+
+// at::empty / at::zeros for an operator's output or workspace: on the CPU, from the block
+// cache while it is on, so a block of 256 KiB or more that an earlier call's output freed
+// is reused (its pages already mapped: no page fault per 4 KiB on the first write) in any
+// process, with or without the training layer's allocator setting. Contents of empty_output
+// are uninitialised, as at::empty's.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  c10::Allocator* cache = options.device().is_cpu() ? output_allocator() : nullptr;
+  if (cache == nullptr) return at::empty(sizes, options);
+  return at::detail::empty_generic(sizes, cache, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), std::nullopt);
+}
+
+inline at::Tensor zeros_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return empty_output(sizes, options).zero_();
 }
 
 // Rows per CPU task: enough bytes per task (~32 KiB) to amortise scheduling, but never

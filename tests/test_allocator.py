@@ -4,12 +4,17 @@ previous allocator back afterwards, and the same bits either way."""
 
 from __future__ import annotations
 
+import os
 import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from fastcore import ops
+from fastcore.ops import memory
 from fastcore.train import allocator
 from fastcore.train import checkpoint as ckpt_io
 from fastcore.train.cli import resolve_config, run
@@ -65,6 +70,7 @@ def test_the_cache_removes_the_page_faults_of_a_reused_buffer():
 def test_the_limit_bounds_what_is_kept():
     allocator.keep_freed_memory(limit=32 << 20)
     try:
+        allocator.empty_cache()  # blocks earlier operators' outputs left
         x = torch.empty(16 << 20)  # 64 MiB: over the limit, freed for real
         del x
         assert allocator.cache_stats()["cached_bytes"] == 0
@@ -112,3 +118,90 @@ def test_a_run_keeps_freed_memory_by_default_and_restores_the_allocator(tmp_path
     assert a_path.name == b_path.name
     a, b = ckpt_io.load(a_path)["model"], ckpt_io.load(b_path)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _op_faults(fn, rounds: int = 3) -> tuple[list[int], list[torch.Tensor]]:
+    """Minor page faults of each call of ``fn`` (its output freed before the next), and the
+    outputs' values (copied into memory allocated before the count)."""
+    faults, values = [], []
+    for _ in range(rounds):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        y = fn()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        values.append(y.clone())
+        del y
+    return faults, values
+
+
+@NEEDS_CACHE
+def test_operator_outputs_reuse_freed_blocks_in_a_plain_process():
+    """Without the training layer's setting, a 64 MiB output of a fastcore operator is
+    written into the block the previous call's output freed: no page faults after the
+    first call, the same values, and nothing else of the process goes through the cache."""
+    assert not allocator.is_kept() and memory.outputs_cached()  # on by default
+    g = torch.Generator().manual_seed(0)
+    pooled = torch.randn(4, 1000, 64, generator=g)
+    index = torch.randint(0, 1000, (65536,), generator=g)  # output [4, 65536, 64]: 64 MiB
+    x = torch.randn(4, 65536, 64, generator=g)
+    perm, ptr = ops.index_csr(index, 1000)
+
+    def unpool():
+        return ops.gather(pooled, index, 1)
+
+    memory.empty_cache()
+    before = memory.cache_stats()
+    faults, cached = _op_faults(unpool)
+    assert faults[0] > 8000 and max(faults[1:]) < 200, faults
+    stats = memory.cache_stats()
+    assert stats["hits"] - before["hits"] >= 2 and stats["cached_bytes"] >= 64 << 20
+    # Backward outputs too: the gradient of the unpooling is a pooling into `pooled`'s shape,
+    # and pooling's output ([4, 1000, 64], 1 MiB) comes from the cache after the first call.
+    faults_pool, _ = _op_faults(lambda: ops.segment_csr(x, perm, ptr, 1, "sum"))
+    assert max(faults_pool[1:]) < 64, faults_pool
+    assert min(_faults_per_allocation()) > 8000  # torch.empty: the default allocator still
+
+    memory.cache_outputs(False)
+    try:
+        assert not memory.outputs_cached() and memory.cache_stats()["cached_bytes"] == 0
+        faults_off, plain = _op_faults(unpool)
+        assert min(faults_off) > 8000, faults_off
+        assert memory.cache_stats()["cached_bytes"] == 0  # freed for real while off
+    finally:
+        memory.cache_outputs(True)
+    assert all(torch.equal(a, b) for a, b in zip(cached, plain, strict=True))
+
+
+@NEEDS_CACHE
+def test_the_training_setting_gives_the_operators_their_configuration_back():
+    """keep_freed_memory(limit=...) reconfigures the shared cache; releasing it puts back
+    the operators' own limit, so their 64 MiB outputs are kept again."""
+    allocator.keep_freed_memory(limit=32 << 20)
+    allocator.release_freed_memory()
+    assert memory.outputs_cached()
+    memory.empty_cache()
+    y = ops.gather(torch.randn(4, 10, 64), torch.zeros(65536, dtype=torch.long), 1)
+    del y
+    assert memory.cache_stats()["cached_bytes"] >= 64 << 20
+    assert memory.empty_cache() >= 64 << 20
+
+
+@pytest.mark.parametrize(
+    ("value", "expect"),
+    [("0", "False"), ("off", "False"), ("on", "True"), ("", "True"), ("later", "ValueError")],
+)
+def test_the_environment_switch(value, expect):
+    code = (
+        "import fastcore\n"
+        "from fastcore.ops import memory\n"
+        "print(memory.outputs_cached() or memory.cache_stats() is None)"
+    )
+    env = {**os.environ, "FASTCORE_CPU_CACHE": value}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    if expect == "ValueError":
+        assert out.returncode != 0 and "FASTCORE_CPU_CACHE='later': expected one of" in out.stderr
+    elif expect == "True":
+        assert out.stdout.strip() == "True", out.stderr
+    elif memory.cache_stats() is not None:  # off, where the extension exists
+        assert out.stdout.strip() == "False", out.stderr

@@ -18,6 +18,7 @@ MODULES = [
     "fastcore.ops.feature_mlp",
     "fastcore.ops.time_conv",
     "fastcore.ops.spmm",
+    "fastcore.ops.memory",
     "fastcore.compat",
     "fastcore.nn.dropout",
     "fastcore.nn.pooling",

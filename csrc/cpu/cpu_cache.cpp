@@ -6,8 +6,11 @@
 // free_cpu. The cache is bounded (`limit` bytes held while free: a block freed when the
 // cache is full pushes out the blocks cached longest ago); `empty()` frees it.
 //
-// Installed with c10::SetCPUAllocator at a priority above the default, and uninstalled by
-// putting the previous allocator back at that priority. Tensors allocated by either keep
+// Two ways in: installed with c10::SetCPUAllocator at a priority above the default (the
+// training layer's setting: every CPU tensor of the process), and uninstalled by putting
+// the previous allocator back at that priority; and, on by default, as the allocator of
+// fastcore's own CPU operators' outputs (fastcore::empty_output, csrc/utils.h), so a user's
+// process that never touches the setting reuses the blocks those outputs freed. Tensors allocated by either keep
 // their own deleter, so switching at any time is safe. Values computed never depend on it
 // (addresses only); torch.empty's contents are uninitialised either way.
 #include <c10/core/Allocator.h>
@@ -15,6 +18,7 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <pybind11/pybind11.h>
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -26,6 +30,9 @@ namespace {
 
 constexpr uint8_t kPriority = 120;
 constexpr size_t kPage = 4096;
+
+// Whether fastcore's operators allocate their outputs from the cache (cache_outputs below).
+std::atomic<bool> outputs_cached{false};
 
 struct Stats {
   int64_t hits = 0, misses = 0, cached_bytes = 0, cached_blocks = 0, live_bytes = 0;
@@ -132,7 +139,10 @@ class CachingCPUAllocator final : public c10::Allocator {
         const size_t size = it->second;
         live_.erase(it);
         stats_.live_bytes -= static_cast<int64_t>(size);
-        if (static_cast<int64_t>(size) <= limit_) {
+        // Kept only while something allocates from the cache again.
+        const bool reused = outputs_cached.load(std::memory_order_relaxed) ||
+                            c10::GetCPUAllocator() == this;
+        if (reused && static_cast<int64_t>(size) <= limit_) {
           // Make room by freeing the blocks cached longest ago: a training loop reuses
           // what it freed last.
           while (stats_.cached_bytes + static_cast<int64_t>(size) > limit_) {
@@ -170,9 +180,28 @@ class CachingCPUAllocator final : public c10::Allocator {
 
 c10::Allocator* previous = nullptr;
 
-bool enable(int64_t limit, int64_t min_block) {
+void check_config(int64_t limit, int64_t min_block) {
   TORCH_CHECK_VALUE(limit >= 0, "cpu cache: limit must be >= 0 bytes, got ", limit);
   TORCH_CHECK_VALUE(min_block >= 1, "cpu cache: min_block must be >= 1 byte, got ", min_block);
+}
+int64_t outputs_limit = 0, outputs_min_block = 1;  // what cache_outputs configured
+
+void cache_outputs(bool enabled, int64_t limit, int64_t min_block) {
+  check_config(limit, min_block);
+  auto& cache = CachingCPUAllocator::get();
+  if (enabled) {
+    cache.configure(limit, min_block);
+    outputs_limit = limit;
+    outputs_min_block = min_block;
+  }
+  outputs_cached.store(enabled, std::memory_order_relaxed);
+  // Off, and not the process's allocator either: nothing will reuse the cached blocks.
+  // Live outputs keep their deleter (their blocks are freed when they are).
+  if (!enabled && c10::GetCPUAllocator() != &cache) cache.empty();
+}
+
+bool enable(int64_t limit, int64_t min_block) {
+  check_config(limit, min_block);
   auto& cache = CachingCPUAllocator::get();
   cache.configure(limit, min_block);
   c10::Allocator* current = c10::GetCPUAllocator();
@@ -188,6 +217,8 @@ bool disable() {
     c10::SetCPUAllocator(previous, kPriority);
   }
   cache.empty();
+  // The operators' outputs go on with the configuration they were given.
+  if (outputs_cached.load(std::memory_order_relaxed)) cache.configure(outputs_limit, outputs_min_block);
   return c10::GetCPUAllocator() != &cache;
 }
 
@@ -195,11 +226,20 @@ bool disable() {
 
 namespace fastcore {
 
+c10::Allocator* output_allocator() {
+  return outputs_cached.load(std::memory_order_relaxed) ? &CachingCPUAllocator::get() : nullptr;
+}
+
 void register_cpu_cache(pybind11::module& m) {
   m.def("cpu_cache_enable", &enable, pybind11::arg("limit"), pybind11::arg("min_block"),
         "Install the caching CPU allocator (limit: bytes kept while free; blocks under "
         "min_block bytes are not cached); True when it is the CPU allocator now.");
   m.def("cpu_cache_disable", &disable, "Put the previous CPU allocator back and free the cache.");
+  m.def("cpu_cache_outputs", &cache_outputs, pybind11::arg("enabled"), pybind11::arg("limit"),
+        pybind11::arg("min_block"),
+        "Allocate fastcore's CPU operator outputs from the cache (enabled) or with at::empty; "
+        "limit and min_block as for cpu_cache_enable.");
+  m.def("cpu_cache_outputs_active", [] { return output_allocator() != nullptr; });
   m.def("cpu_cache_empty", [] { return CachingCPUAllocator::get().empty(); },
         "Free every cached block; returns the bytes released.");
   m.def("cpu_cache_active", [] { return c10::GetCPUAllocator() == &CachingCPUAllocator::get(); });

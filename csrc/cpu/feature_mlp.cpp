@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "rowwise.h"
+#include "../utils.h"
 #include "simd.h"
 
 namespace fastcore {
@@ -494,7 +495,7 @@ void with_widths(int64_t H, int64_t K, Fn&& fn) {
 at::Tensor feature_mlp_cpu(const at::Tensor& h, const at::Tensor& w1, const at::Tensor& b1,
                            const at::Tensor& w2, const at::Tensor& b2) {
   const Dims d = check_feature_mlp(h, w1, b1, w2, &b2, "feature_mlp");
-  auto out = at::empty(h.sizes(), h.options());
+  auto out = empty_output(h.sizes(), h.options());
   if (out.numel() == 0) return out;
   const auto h_c = h.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "feature_mlp", [&] {
@@ -531,11 +532,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_m
   TORCH_CHECK_TYPE(grad.scalar_type() == h.scalar_type(), op, ": grad dtype ",
                    grad.scalar_type(), " must equal h's ", h.scalar_type());
   const int64_t F = d.features, H = d.hidden, K = d.inner;
-  auto dh = at::empty(h.sizes(), h.options());
-  auto dw1 = at::zeros(w1.sizes(), h.options());
-  auto db1 = at::zeros(b1.sizes(), h.options());
-  auto dw2 = at::zeros(w2.sizes(), h.options());
-  auto db2 = at::zeros({F, H}, h.options());
+  auto dh = empty_output(h.sizes(), h.options());
+  auto dw1 = zeros_output(w1.sizes(), h.options());
+  auto db1 = zeros_output(b1.sizes(), h.options());
+  auto dw2 = zeros_output(w2.sizes(), h.options());
+  auto db2 = zeros_output({F, H}, h.options());
   if (d.rows == 0 || F * H == 0) return {dh, dw1, db1, dw2, db2};
   const auto g_c = grad.contiguous(), h_c = h.contiguous();
   TilePartials partials(d.rows, F * (2 * H * K + K + H));

@@ -66,7 +66,7 @@ at::Tensor gather_cpu(const at::Tensor& src, const at::Tensor& index, int64_t di
   if (check) check_index_range(index, f.size, "gather", "index", dim);
 
   const int64_t rows_out = index.numel();
-  auto out = at::empty(shape_with(src, dim, rows_out), src.options());
+  auto out = empty_output(shape_with(src, dim, rows_out), src.options());
   if (out.numel() == 0) return out;
 
   const auto src_c = src.contiguous();
@@ -127,7 +127,7 @@ at::Tensor gather_add_cpu(const at::Tensor& src, const at::Tensor& index, const 
                     base.sizes(), " must be ", at::IntArrayRef(shape));
   if (check) check_index_range(index, f.size, "gather_add", "index", dim);
 
-  auto out = at::empty(shape, src.options());
+  auto out = empty_output(shape, src.options());
   if (out.numel() == 0) return out;
   const auto src_c = src.contiguous();
   const auto base_c = base.contiguous();

@@ -36,6 +36,7 @@
 #include <string>
 #include <vector>
 
+#include "../utils.h"
 #include "simd.h"
 
 namespace fastcore {
@@ -176,9 +177,9 @@ template <typename acc_t>
 struct Buffers {
   at::Tensor xr, mid, tile;  // [Ht, kTile, Dt]; [Hs, kTile, Dt] or [Ht, kTile, Ds]; [Hs, kTile, Ds]
   explicit Buffers(const Dims& d, const at::TensorOptions& acc) {
-    xr = at::empty({d.Ht, kTile, d.Dt}, acc);
-    mid = d.per_head ? at::empty({d.Ht, kTile, d.Ds}, acc) : at::empty({d.Hs, kTile, d.Dt}, acc);
-    tile = at::empty({d.Hs, kTile, d.Ds}, acc);
+    xr = empty_output({d.Ht, kTile, d.Dt}, acc);
+    mid = d.per_head ? empty_output({d.Ht, kTile, d.Ds}, acc) : empty_output({d.Hs, kTile, d.Dt}, acc);
+    tile = empty_output({d.Hs, kTile, d.Ds}, acc);
   }
 };
 
@@ -299,7 +300,7 @@ at::Tensor kv_project_cpu(at::TensorList kv, const at::Tensor& head_mix, const a
                           const at::Tensor&, const at::Tensor&) {
   at::AutoDispatchBelowADInplaceOrView guard;  // the kernel's own matmuls are not recorded
   const Dims d = check_args("kv_project", kv, head_mix, dim_proj, bias, ptr, idx, weight);
-  auto out = at::empty({d.G, d.B, d.Hs, d.Ts, d.Ds}, kv[0].options());
+  auto out = empty_output({d.G, d.B, d.Hs, d.Ts, d.Ds}, kv[0].options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kv[0].scalar_type(), "kv_project", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -409,7 +410,7 @@ at::Tensor kv_distill_loss_cpu(at::TensorList kv, at::TensorList student, const 
                      s.scalar_type(), " must equal the teacher's ", kv[0].scalar_type());
   }
   const auto out_type = kv[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto out = at::zeros({d.G}, kv[0].options().dtype(out_type));
+  auto out = zeros_output({d.G}, kv[0].options().dtype(out_type));
   std::vector<at::Tensor> keep;
   int64_t n_valid = 0;
   const uint8_t* live = row_mask("kv_distill_loss", d, mask, keep, n_valid);
@@ -441,7 +442,7 @@ at::Tensor kv_distill_loss_cpu(at::TensorList kv, at::TensorList student, const 
       partial[g * chunks + c] += sum;
     });
   });
-  auto out_cpu = at::empty({d.G}, at::kDouble);
+  auto out_cpu = empty_output({d.G}, at::kDouble);
   double* op = out_cpu.data_ptr<double>();
   for (int64_t g = 0; g < d.G; ++g) {
     double s = 0;
@@ -498,18 +499,18 @@ kv_project_backward_cpu(const std::optional<at::Tensor>& grad_out, at::TensorLis
   const auto acc_opts = kv[0].options().dtype(acc_type);
   const int64_t chunks = chunks_per_group(d);
   const int64_t p_size = (d.per_head ? d.Ht : 1) * d.Dt * d.Ds;
-  auto gM_part = at::zeros({d.G, chunks, d.Hs, d.Ht}, acc_opts);
-  auto gP_part = at::zeros({d.G, chunks, p_size}, acc_opts);
-  auto gb_part = at::zeros({d.G, chunks, d.Hs, d.Ds}, acc_opts);
+  auto gM_part = zeros_output({d.G, chunks, d.Hs, d.Ht}, acc_opts);
+  auto gP_part = zeros_output({d.G, chunks, p_size}, acc_opts);
+  auto gb_part = zeros_output({d.G, chunks, d.Hs, d.Ds}, acc_opts);
   // The student-sized intermediate the kv gradient gathers from: dZ (shared) or dY.
   at::Tensor dmid;
   if (need_kv) {
-    dmid = d.per_head ? at::empty({d.G, d.B, d.Ht, d.Ts, d.Ds}, acc_opts)
-                      : at::empty({d.G, d.B, d.Hs, d.Ts, d.Dt}, acc_opts);
+    dmid = d.per_head ? empty_output({d.G, d.B, d.Ht, d.Ts, d.Ds}, acc_opts)
+                      : empty_output({d.G, d.B, d.Hs, d.Ts, d.Dt}, acc_opts);
   }
   std::vector<at::Tensor> grad_student;
   if (distill) {
-    for (int64_t g = 0; g < d.G; ++g) grad_student.push_back(at::empty({d.B, d.Hs, d.Ts, d.Ds}, kv[0].options()));
+    for (int64_t g = 0; g < d.G; ++g) grad_student.push_back(empty_output({d.B, d.Hs, d.Ts, d.Ds}, kv[0].options()));
   }
   std::vector<at::Tensor> grad_kv;
 
@@ -622,13 +623,13 @@ kv_project_backward_cpu(const std::optional<at::Tensor>& grad_out, at::TensorLis
       const int64_t* tp = t_ptr_c.const_data_ptr<int64_t>();
       const int64_t* tc = t_col_c.const_data_ptr<int64_t>();
       const int64_t* te = t_edge_c.const_data_ptr<int64_t>();
-      for (int64_t g = 0; g < d.G; ++g) grad_kv.push_back(at::empty({d.B, d.Ht, d.Tt, d.Dt}, kv[0].options()));
+      for (int64_t g = 0; g < d.G; ++g) grad_kv.push_back(empty_output({d.B, d.Ht, d.Tt, d.Dt}, kv[0].options()));
       const int64_t j_tiles = (d.Tt + kTile - 1) / kTile;
       const acc_t* dm = dmid.template const_data_ptr<acc_t>();
       const auto opts = in.P.options();
       at::parallel_for(0, d.G * d.B * j_tiles, 1, [&](int64_t begin, int64_t end) {
-        auto gather = at::empty({d.per_head ? d.Ht : d.Hs, kTile, mid_width}, opts);
-        auto rows = at::empty({kTile, d.Dt}, opts);
+        auto gather = empty_output({d.per_head ? d.Ht : d.Hs, kTile, mid_width}, opts);
+        auto rows = empty_output({kTile, d.Dt}, opts);
         acc_t* ga = gather.template data_ptr<acc_t>();
         for (int64_t unit = begin; unit < end; ++unit) {
           const int64_t g = unit / (d.B * j_tiles), rest = unit % (d.B * j_tiles);
@@ -669,7 +670,7 @@ kv_project_backward_cpu(const std::optional<at::Tensor>& grad_out, at::TensorLis
   };
   auto grad_M = reduce(gM_part);
   auto grad_P = reduce(gP_part).view(dim_proj.sizes());
-  auto grad_b = bias.has_value() ? reduce(gb_part) : at::empty({0}, acc_opts);
+  auto grad_b = bias.has_value() ? reduce(gb_part) : empty_output({0}, acc_opts);
   return {grad_kv, grad_M, grad_P, grad_b, grad_student};
 }
 

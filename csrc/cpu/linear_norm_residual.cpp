@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "rowwise.h"
+#include "../utils.h"
 #include "simd.h"
 
 namespace fastcore {
@@ -364,7 +365,7 @@ at::Tensor linear_norm_residual_cpu(const at::Tensor& h, const at::Tensor& x,
                                     const at::Tensor& gamma, const at::Tensor& beta,
                                     double res_scale, double eps) {
   const Dims d = check_linear_norm_residual(h, x, weight, bias, gamma, beta, "linear_norm_residual");
-  auto out = at::empty(h.sizes(), h.options());
+  auto out = empty_output(h.sizes(), h.options());
   if (out.numel() == 0) return out;
   const auto h_c = h.contiguous(), x_c = x.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "linear_norm_residual", [&] {
@@ -392,11 +393,11 @@ linear_norm_residual_backward_cpu(const at::Tensor& grad, const at::Tensor& h,
   constexpr const char* op = "linear_norm_residual_backward";
   const Dims d = check_linear_norm_residual(h, grad, weight, bias, gamma, gamma, op);
   const int64_t F = d.features, H = d.hidden;
-  auto dh = at::empty(h.sizes(), h.options());
-  auto dW = at::zeros({F, H, H}, h.options());
-  auto db = at::zeros({F, H}, h.options());
-  auto dgamma = at::zeros({F, H}, h.options());
-  auto dbeta = at::zeros({F, H}, h.options());
+  auto dh = empty_output(h.sizes(), h.options());
+  auto dW = zeros_output({F, H, H}, h.options());
+  auto db = zeros_output({F, H}, h.options());
+  auto dgamma = zeros_output({F, H}, h.options());
+  auto dbeta = zeros_output({F, H}, h.options());
   if (d.rows == 0 || F * H == 0) return {dh, dW, db, dgamma, dbeta};
   const auto g_c = grad.contiguous(), h_c = h.contiguous();
   TilePartials partials(d.rows, F * H * H + 3 * F * H);

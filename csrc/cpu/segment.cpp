@@ -333,7 +333,7 @@ at::Tensor segment_arg_scatter_cpu(const at::Tensor& grad, const at::Tensor& arg
                     " must equal grad shape ", grad.sizes());
   TORCH_CHECK_VALUE(size >= 0, "segment_arg_scatter: size must be >= 0, got ", size);
   const Fold f = fold_at(grad, dim);
-  auto out = at::zeros(shape_with(grad, dim, size), grad.options());
+  auto out = zeros_output(shape_with(grad, dim, size), grad.options());
   if (grad.numel() == 0 || out.numel() == 0) return out;
   const auto grad_c = grad.contiguous();
   const auto arg_c = arg.contiguous();
@@ -371,9 +371,9 @@ std::tuple<at::Tensor, at::Tensor> segment_reduce_cpu_impl(const at::Tensor& src
 
   const int64_t segments = ptr.numel() - 1;
   const bool arg_reduce = reduce == Reduce::Max || reduce == Reduce::Min;
-  auto out = at::empty(shape_with(src, dim, segments), src.options());
-  auto arg = arg_reduce ? at::empty(out.sizes(), src.options().dtype(at::kLong))
-                        : at::empty({0}, src.options().dtype(at::kLong));
+  auto out = empty_output(shape_with(src, dim, segments), src.options());
+  auto arg = arg_reduce ? empty_output(out.sizes(), src.options().dtype(at::kLong))
+                        : empty_output({0}, src.options().dtype(at::kLong));
   if (out.numel() == 0) return {out, arg};
 
   const auto src_c = src.contiguous();

@@ -97,7 +97,7 @@ at::Tensor spmm_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight
   check_spmm_args(x, weight, ptr, col, t_ptr, t_col, t_edge, t_pos, dim, residual, check, "spmm");
   const Fold f = fold_at(x, dim);
   const int64_t segments = ptr.numel() - 1;
-  auto out = at::empty(shape_with(x, dim, segments), x.options());
+  auto out = empty_output(shape_with(x, dim, segments), x.options());
   if (out.numel() == 0) return out;
   const auto x_c = x.contiguous();
   const auto ptr_c = ptr.to(at::kLong).contiguous();
@@ -177,7 +177,7 @@ at::Tensor spmm_edge_grad_cpu(const at::Tensor& grad, const at::Tensor& x, const
                     " must be ", at::IntArrayRef(expected));
   const Fold f = fold_at(x, dim);
   const int64_t segments = ptr.numel() - 1;
-  auto out = at::empty({col.numel()}, x.options());
+  auto out = empty_output({col.numel()}, x.options());
   if (out.numel() == 0) return out;
   if (f.outer == 0 || f.inner == 0) return out.zero_();
   const auto grad_c = grad.contiguous();

@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../utils.h"
 #include "simd.h"
 
 namespace fastcore {
@@ -234,7 +235,7 @@ at::Tensor time_conv_cpu(const at::Tensor& x, const at::Tensor& weight,
     TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "time_conv: bias dtype ",
                      bias->scalar_type(), " must equal x's dtype ", x.scalar_type());
   }
-  auto out = at::empty(x.sizes(), x.options());
+  auto out = empty_output(x.sizes(), x.options());
   if (out.numel() == 0) return out;
   const auto x_c = x.contiguous();
   const auto w_c = weight.contiguous();
@@ -268,7 +269,7 @@ at::Tensor time_conv_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x
   TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), op, ": grad dtype ", grad.scalar_type(),
                    " must equal x's dtype ", x.scalar_type());
   const TimeView v = view_of(x);
-  auto out = at::zeros({kernel_size, v.channels}, x.options());
+  auto out = zeros_output({kernel_size, v.channels}, x.options());
   if (x.numel() == 0) return out;
   const auto g_c = grad.contiguous();
   const auto x_c = x.contiguous();

@@ -1,6 +1,7 @@
 """fastcore's public functional ops. Each validates its input, picks a backend
 (:mod:`fastcore._backend`) and calls a registered ``torch.ops.fastcore`` operator."""
 
+from fastcore.ops import memory  # applies FASTCORE_CPU_CACHE at import
 from fastcore.ops._csr import index_csr
 from fastcore.ops.feature_mlp import feature_mlp
 from fastcore.ops.gather import gather, gather_add
@@ -23,6 +24,7 @@ __all__ = [
     "kv_distill_loss",
     "kv_project",
     "linear_norm_residual",
+    "memory",
     "safe_time_resample",
     "scatter",
     "scatter_arg",

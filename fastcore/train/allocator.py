@@ -28,8 +28,9 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-import os
 from collections.abc import Iterator
+
+from fastcore.ops import memory
 
 # mallopt parameters (glibc malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -56,21 +57,6 @@ def _libc():
     return mallopt, trim, gnu().decode()
 
 
-def _extension():
-    from fastcore import _backend
-
-    c = _backend._C
-    return c if c is not None and hasattr(c, "cpu_cache_enable") else None
-
-
-def _default_limit() -> int:
-    try:
-        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        ram = 16 << 30
-    return min(4 << 30, ram // 4)
-
-
 def keep_freed_memory(limit: int | None = None, min_block: int = 256 << 10) -> str:
     """Keep large freed CPU blocks for reuse: fastcore's caching CPU allocator (``limit``
     bytes held while free, default min(4 GiB, RAM / 4); blocks under ``min_block`` bytes
@@ -83,13 +69,9 @@ def keep_freed_memory(limit: int | None = None, min_block: int = 256 << 10) -> s
         True
         >>> _ = release_freed_memory()
     """
-    limit = _default_limit() if limit is None else int(limit)
-    if limit < 0 or min_block < 1:
-        raise ValueError(
-            f"keep_freed_memory: limit must be >= 0 and min_block >= 1 bytes, got {limit}, "
-            f"{min_block}"
-        )
-    ext = _extension()
+    limit = memory.default_limit() if limit is None else int(limit)
+    memory.check_limits(limit, min_block, "keep_freed_memory")
+    ext = memory.extension()
     if ext is not None:
         if ext.cpu_cache_enable(limit, min_block):
             _state["kept"] = "cache"
@@ -117,7 +99,7 @@ def release_freed_memory() -> str:
     and ``malloc_trim(0)``)."""
     how, _state["kept"] = _state["kept"], False
     if how == "cache":
-        _extension().cpu_cache_disable()
+        memory.extension().cpu_cache_disable()
         return "fastcore CPU block cache removed and emptied"
     libc = _libc()
     if how != "mallopt" or libc is None:
@@ -129,18 +111,8 @@ def release_freed_memory() -> str:
     return f"glibc {version}: default allocator thresholds restored"
 
 
-def empty_cache() -> int:
-    """Free the blocks the cache holds (bytes released; 0 without the cache)."""
-    ext = _extension()
-    return int(ext.cpu_cache_empty()) if ext is not None else 0
-
-
-def cache_stats() -> dict[str, int] | None:
-    """``hits``, ``misses`` (allocations of cacheable size served from / not from the
-    cache), ``cached_bytes``, ``cached_blocks``, ``live_bytes`` (cacheable blocks in
-    use); None without the compiled extension."""
-    ext = _extension()
-    return dict(ext.cpu_cache_stats()) if ext is not None else None
+empty_cache = memory.empty_cache
+cache_stats = memory.cache_stats
 
 
 def is_kept() -> bool:
