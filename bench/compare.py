@@ -43,6 +43,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# Environment variables that set how CPU memory is allocated: glibc's (make bench's
+# BENCH_ENV) and the operators' output cache (fastcore.ops.memory).
+ALLOCATOR_ENV = ("MALLOC_", "FASTCORE_CPU_CACHE")
+
+
+def allocator_env() -> dict[str, str]:
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ALLOCATOR_ENV)}
+
+
 def machine_info() -> dict:
     info = {
         "cpu": cpu_model(),
@@ -53,7 +62,7 @@ def machine_info() -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cuda": torch.version.cuda,
         # allocator settings of the run (see BENCH_ENV in the Makefile)
-        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
+        "malloc_env": allocator_env(),
     }
     try:
         import triton
@@ -148,6 +157,18 @@ def main() -> None:
 
     runs = [json.loads(path.read_text()) for path in args.runs]
     info = machine_info()
+    # The allocator settings the benchmarks ran under, as each recorded them (this process's
+    # own environment only for results recorded without them).
+    recorded = {
+        json.dumps(b["extra_info"]["allocator_env"], sort_keys=True)
+        for r in runs
+        for b in r["benchmarks"]
+        if "allocator_env" in b["extra_info"]
+    }
+    if len(recorded) > 1:
+        raise SystemExit(f"the runs were measured under different allocator settings: {recorded}")
+    if recorded:
+        info["malloc_env"] = json.loads(recorded.pop())
     copy_bws, rows = [], []
     for run in runs:
         copy_bw, run_rows = build_rows(run)
