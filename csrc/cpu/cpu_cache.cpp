@@ -10,9 +10,10 @@
 // training layer's setting: every CPU tensor of the process), and uninstalled by putting
 // the previous allocator back at that priority; and, on by default, as the allocator of
 // fastcore's own CPU operators' outputs (fastcore::empty_output, csrc/utils.h), so a user's
-// process that never touches the setting reuses the blocks those outputs freed. Tensors allocated by either keep
-// their own deleter, so switching at any time is safe. Values computed never depend on it
-// (addresses only); torch.empty's contents are uninitialised either way.
+// process that never touches the setting reuses the blocks those outputs freed. Tensors
+// allocated by either keep their own deleter, so switching at any time is safe. Values
+// computed never depend on it (addresses only); torch.empty's contents are uninitialised
+// either way.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -184,7 +185,8 @@ void check_config(int64_t limit, int64_t min_block) {
   TORCH_CHECK_VALUE(limit >= 0, "cpu cache: limit must be >= 0 bytes, got ", limit);
   TORCH_CHECK_VALUE(min_block >= 1, "cpu cache: min_block must be >= 1 byte, got ", min_block);
 }
-int64_t outputs_limit = 0, outputs_min_block = 1;  // what cache_outputs configured
+
+int64_t outputs_limit = 0, outputs_min_block = 1;  // what cache_outputs configured last
 
 void cache_outputs(bool enabled, int64_t limit, int64_t min_block) {
   check_config(limit, min_block);
@@ -218,7 +220,9 @@ bool disable() {
   }
   cache.empty();
   // The operators' outputs go on with the configuration they were given.
-  if (outputs_cached.load(std::memory_order_relaxed)) cache.configure(outputs_limit, outputs_min_block);
+  if (outputs_cached.load(std::memory_order_relaxed)) {
+    cache.configure(outputs_limit, outputs_min_block);
+  }
   return c10::GetCPUAllocator() != &cache;
 }
 
