@@ -3,8 +3,9 @@
 On the CPU, glibc serves every block over its mmap threshold (at most 32 MiB) with a fresh
 ``mmap`` and unmaps it on free, so an operator whose output is that large pays a page fault
 for every 4 KiB of it on each call: at 10k nodes and more those faults cost more than the
-kernel that fills the output (unpooling ``[16, 100k, 64]`` float32: 144 ms in a plain
-process, 21 ms writing into pages already mapped; ``docs/benchmarks.md``, "Scaling").
+kernel that fills the output (unpooling ``[16, 100k, 64]`` float32: 148 ms with the cache
+below off, 17 ms with it on, in one run; ``docs/benchmarks.md``, "The operators' output
+cache").
 
 So fastcore's CPU operators (pooling, gathers, spmm, time_conv, feature_mlp,
 linear_norm_residual, kv_project; forward and backward) allocate their outputs from a cache
