@@ -133,12 +133,22 @@ def _op_faults(fn, rounds: int = 3) -> tuple[list[int], list[torch.Tensor]]:
     return faults, values
 
 
+@pytest.fixture
+def outputs_cached():
+    """The operators' cache on for the test (it is by default; FASTCORE_CPU_CACHE=0 in the
+    environment turns it off), and the process's state back afterwards."""
+    was = memory.outputs_cached()
+    memory.cache_outputs(True)
+    yield
+    memory.cache_outputs(was)
+
+
 @NEEDS_CACHE
-def test_operator_outputs_reuse_freed_blocks_in_a_plain_process():
+def test_operator_outputs_reuse_freed_blocks_in_a_plain_process(outputs_cached):
     """Without the training layer's setting, a 64 MiB output of a fastcore operator is
     written into the block the previous call's output freed: no page faults after the
     first call, the same values, and nothing else of the process goes through the cache."""
-    assert not allocator.is_kept() and memory.outputs_cached()  # on by default
+    assert not allocator.is_kept() and memory.outputs_cached()
     g = torch.Generator().manual_seed(0)
     pooled = torch.randn(4, 1000, 64, generator=g)
     index = torch.randint(0, 1000, (65536,), generator=g)  # output [4, 65536, 64]: 64 MiB
@@ -172,7 +182,7 @@ def test_operator_outputs_reuse_freed_blocks_in_a_plain_process():
 
 
 @NEEDS_CACHE
-def test_the_training_setting_gives_the_operators_their_configuration_back():
+def test_the_training_setting_gives_the_operators_their_configuration_back(outputs_cached):
     """keep_freed_memory(limit=...) reconfigures the shared cache; releasing it puts back
     the operators' own limit, so their 64 MiB outputs are kept again."""
     allocator.keep_freed_memory(limit=32 << 20)
