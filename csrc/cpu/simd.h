@@ -53,27 +53,36 @@ FASTCORE_INLINE void for_n(int64_t n, Fn&& fn) {
 // guess; once the rows no longer fit the caches every read waits for DRAM. Asking for the
 // rows a few members ahead keeps several misses in flight. A prefetch never faults, but the
 // callers still only prefetch rows in range.
+// The rows to be read are asked into L2 (locality 2: prefetcht1 on x86), not L1: a prefetch
+// into L1 holds one of the core's few L1 fill buffers until its line arrives, so at most
+// about that many misses are in flight, while L2's own queue is deeper. On the Intel Xeon
+// VM (2 cores), reading 2M random 256-byte rows of a 512 MB tensor took 35 ms with
+// prefetcht0 and 25 ms with prefetcht1 (a standalone loop, best of 8), and pooling sum at
+// (2, 1M) 46.8 -> 39.5 ms (medians, builds switched within one process; the figures and
+// the other ops in docs/benchmarks.md). The demand load then finds the row in L2.
 // Write: 0 for a row about to be read, 1 for one about to be read and written (an
-// accumulator row).
+// accumulator row; a write prefetch goes to L1).
 // prefetch_span: every cache line of [p, p + bytes) (no cap), e.g. the next time step of a
 // tile; prefetch_lines: the first 1 KiB of it at most (one row of a gather).
-template <int Write>
+template <int Write, int Locality = 3>
 FASTCORE_INLINE void prefetch_span(const void* p, int64_t bytes) {
 #if defined(__GNUC__)
   const char* c = static_cast<const char*>(p);
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, Write, 3);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, Write, Locality);
 #else
   (void)p;
   (void)bytes;
 #endif
 }
 
-template <int Write>
+template <int Write, int Locality = 3>
 FASTCORE_INLINE void prefetch_lines(const void* p, int64_t bytes) {
-  prefetch_span<Write>(p, bytes < 1024 ? bytes : 1024);
+  prefetch_span<Write, Locality>(p, bytes < 1024 ? bytes : 1024);
 }
 
-FASTCORE_INLINE void prefetch_row(const void* p, int64_t bytes) { prefetch_lines<0>(p, bytes); }
+FASTCORE_INLINE void prefetch_row(const void* p, int64_t bytes) {
+  prefetch_lines<0, 2>(p, bytes);
+}
 
 FASTCORE_INLINE void prefetch_row_for_write(void* p, int64_t bytes) {
   prefetch_lines<1>(p, bytes);
@@ -120,9 +129,11 @@ FASTCORE_INLINE void stream_fence() {
 #endif
 }
 
-// How many members ahead the gathers prefetch: 16 rows of 256 B keep 64 lines in flight per
-// core; at N = 1M on the 2-core CPU unpooling took 39 ms with 16 and 48-60 ms with 8.
-constexpr int64_t kPrefetchAhead = 16;
+// How many members ahead the gathers prefetch. With the prefetches into L2, 32 rows ahead
+// beat 16 at N = 1M on the Intel VM (pooling sum 41.7 -> 39.5 ms, spmm forward+backward
+// 266 -> 252 ms, medians within one process) and changed nothing measurable at 1k-100k;
+// with prefetches into L1, unpooling at 1M had taken 39 ms with 16 and 48-60 ms with 8.
+constexpr int64_t kPrefetchAhead = 32;
 
 // Eight floats as one value (GCC/Clang vector extensions): AVX registers in the x86-64-v3
 // clones, two SSE registers in the baseline ones.
