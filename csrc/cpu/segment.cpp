@@ -74,34 +74,127 @@ inline bool in_rows(int64_t m, int64_t size) {
   return static_cast<uint64_t>(m) < static_cast<uint64_t>(size);
 }
 
-// Fold source rows `rows[i]` (row index m = rows ? rows[i] : first + i, i < count) into
-// accumulator row segment[i] (or 0): the sum inner loop of both loop orders. Returns
-// how many rows it folded in (rows outside [0, size) are skipped).
-// `ahead`: how many entries after rows[count - 1] may be read to prefetch (the members of
-// the next segments: rows is a window of one perm). `prefetch_acc`: by slab, prefetch the
-// accumulator rows (worth it only once they no longer fit the core's own caches).
+// By slab: fold source rows 0 .. count-1 into accumulator rows segment[i] (every row in
+// range: the by-slab order checks that first). `prefetch_acc`: prefetch the accumulator
+// rows (worth it only once they no longer fit the core's own caches).
 template <typename acc_t, typename scalar_t>
-FASTCORE_SIMD_CLONES int64_t add_rows(acc_t* acc, const scalar_t* base, const int64_t* rows,
-                                      const int64_t* segment, int64_t first, int64_t count,
-                                      int64_t inner, int64_t size, int64_t ahead = 0,
-                                      bool prefetch_acc = false) {
-  int64_t added = 0;
+FASTCORE_SIMD_CLONES void add_rows(acc_t* acc, const scalar_t* base, const int64_t* segment,
+                                   int64_t count, int64_t inner, bool prefetch_acc) {
   for (int64_t i = 0; i < count; ++i) {
-    const int64_t m = rows ? rows[i] : first + i;
-    if (rows && i + kPrefetchAhead < count + ahead) {
-      const int64_t next = rows[i + kPrefetchAhead];
-      if (in_rows(next, size))
-        prefetch_row(base + next * inner, inner * static_cast<int64_t>(sizeof(scalar_t)));
-    } else if (prefetch_acc && i + kPrefetchAhead < count) {
-      // By slab: the source streams; the accumulator rows are the scattered accesses.
+    if (prefetch_acc && i + kPrefetchAhead < count) {
+      // The source streams; the accumulator rows are the scattered accesses.
       prefetch_row_for_write(acc + segment[i + kPrefetchAhead] * inner,
                              inner * static_cast<int64_t>(sizeof(acc_t)));
     }
-    if (!in_rows(m, size)) continue;
-    add_row(acc + (segment ? segment[i] * inner : 0), base + m * inner, inner);
-    ++added;
+    add_row(acc + segment[i] * inner, base + i * inner, inner);
+  }
+}
+
+// By segment: acc[0:inner] = the sum of source rows m = rows ? rows[i] : first + i
+// (i < count; those outside [0, size) are skipped); returns how many it summed. `ahead`:
+// how many entries after rows[count - 1] may be read to prefetch (the members of the next
+// segments: rows is a window of one perm).
+// Columns are summed kFoldBlock at a time in a local block the compiler keeps in registers
+// (a loop over the members per block; the prefetch, whole rows, in the first), the rest
+// (inner not a multiple, or narrower) in memory. Each output element adds the same terms
+// in the same order from 0 either way: the same bits.
+template <typename acc_t, typename scalar_t>
+FASTCORE_INLINE int64_t sum_rows(acc_t* acc, const scalar_t* base, const int64_t* rows,
+                                 int64_t first, int64_t count, int64_t inner, int64_t size,
+                                 int64_t ahead) {
+  constexpr int64_t kFoldBlock = 256 / sizeof(acc_t);  // 8 AVX registers of accumulators
+  const int64_t row_bytes = inner * static_cast<int64_t>(sizeof(scalar_t));
+  int64_t added = 0;
+  // One pass over the members, skipping those out of range; the first also prefetches and
+  // counts them. `fold` takes each member's row from column c0 on.
+  auto pass = [&](bool first_pass, int64_t c0, auto&& fold) FASTCORE_LAMBDA_INLINE {
+    for (int64_t i = 0; i < count; ++i) {
+      if (first_pass && rows && i + kPrefetchAhead < count + ahead) {
+        const int64_t next = rows[i + kPrefetchAhead];
+        if (in_rows(next, size)) prefetch_row(base + next * inner, row_bytes);
+      }
+      const int64_t m = rows ? rows[i] : first + i;
+      if (!in_rows(m, size)) continue;
+      fold(base + m * inner + c0);
+      if (first_pass) ++added;
+    }
+  };
+  int64_t c0 = 0;
+  for (; c0 + kFoldBlock <= inner; c0 += kFoldBlock) {
+    alignas(64) acc_t block[kFoldBlock] = {};
+    pass(c0 == 0, c0, [&](const scalar_t* __restrict__ row) FASTCORE_LAMBDA_INLINE {
+#pragma omp simd
+      for (int64_t j = 0; j < kFoldBlock; ++j) block[j] += static_cast<acc_t>(row[j]);
+    });
+    for (int64_t j = 0; j < kFoldBlock; ++j) acc[c0 + j] = block[j];
+  }
+  if (c0 < inner) {
+    std::fill(acc + c0, acc + inner, acc_t(0));
+    pass(c0 == 0, c0, [&](const scalar_t* row) FASTCORE_LAMBDA_INLINE {
+      add_row(acc + c0, row, inner - c0);
+    });
   }
   return added;
+}
+
+// dst = acc / divisor (mean) or acc, converted to the output type; dst may alias acc.
+template <typename acc_t, typename scalar_t>
+inline void store_row(scalar_t* dst, const acc_t* acc, int64_t n, acc_t divisor) {
+  if (divisor == acc_t(1)) {
+    if (static_cast<const void*>(dst) == static_cast<const void*>(acc)) return;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(acc[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(acc[j] / divisor);
+  }
+}
+
+// By segment, sum or mean: output rows [begin, end) of the flattened [outer, segments] view,
+// in one function compiled per CPU like the row loops (simd.h), so that a segment costs
+// little besides its members' rows. Once the rows come from DRAM, the loop waits on its
+// prefetches (sampled with perf, 82% of the old kernel's samples fell on the instruction
+// after one), and the fewer uops each member costs the more of them are in flight: with
+// the accumulator in memory (a load and a store per vector and member), a call, a division
+// and a fill per segment and a second pass to count the members, pooling sum at (2, 1M),
+// rows of 64 float32, took 38.8 ms on the Intel VM against 33.9 ms now (medians, the two
+// kernels switched within one process; docs/benchmarks.md). `stream`: each finished row
+// goes out with streaming stores (through `buffer`, and `staged` in the output type when
+// that is narrower).
+template <bool Mean, typename acc_t, typename scalar_t>
+FASTCORE_SIMD_CLONES void sum_segments(const scalar_t* src, const int64_t* perm,
+                                       const int64_t* ptr, scalar_t* out, int64_t begin,
+                                       int64_t end, int64_t segments, int64_t inner,
+                                       int64_t size, bool stream, acc_t* buffer,
+                                       scalar_t* staged) {
+  constexpr bool widen = !std::is_same_v<acc_t, scalar_t>;
+  const int64_t out_row_bytes = inner * static_cast<int64_t>(sizeof(scalar_t));
+  int64_t o = begin / segments;
+  int64_t r = begin - o * segments;
+  for (int64_t row = begin; row < end; ++row) {
+    const scalar_t* base = src + o * size * inner;
+    scalar_t* dst = out + row * inner;
+    acc_t* acc = widen || stream ? buffer : reinterpret_cast<acc_t*>(dst);
+    const int64_t lo = std::clamp<int64_t>(ptr[r], 0, size);
+    const int64_t hi = std::clamp<int64_t>(ptr[r + 1], lo, size);
+    // Prefetch up to the end of perm (its length is size): the next segments'.
+    const int64_t folded = sum_rows(acc, base, perm ? perm + lo : nullptr, lo, hi - lo, inner,
+                                    size, perm ? std::min(kPrefetchAhead, size - hi) : 0);
+    const acc_t divisor = Mean && folded > 0 ? static_cast<acc_t>(folded) : acc_t(1);
+    if (stream) {
+      // the finished row in the output type, then one streaming write
+      scalar_t* row_out = widen ? staged : reinterpret_cast<scalar_t*>(acc);
+      store_row(row_out, acc, inner, divisor);
+      stream_row(dst, row_out, out_row_bytes);
+    } else if (widen || Mean) {
+      store_row(dst, acc, inner, divisor);
+    }
+    if (++r == segments) {
+      r = 0;
+      ++o;
+    }
+  }
+  if (stream) stream_fence();
 }
 
 // The same for max/min, tracking positions.
@@ -121,19 +214,6 @@ template <typename acc_t, typename scalar_t>
 inline void load_row(acc_t* __restrict__ acc, const scalar_t* __restrict__ row, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) acc[j] = static_cast<acc_t>(row[j]);
-}
-
-// dst = acc / divisor (mean) or acc, converted to the output type; dst may alias acc.
-template <typename acc_t, typename scalar_t>
-inline void store_row(scalar_t* dst, const acc_t* acc, int64_t n, acc_t divisor) {
-  if (divisor == acc_t(1)) {
-    if (static_cast<const void*>(dst) == static_cast<const void*>(acc)) return;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(acc[j]);
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(acc[j] / divisor);
-  }
 }
 
 // Two loop orders with a fixed order within each segment:
@@ -231,8 +311,7 @@ void segment_rows(const scalar_t* src, const int64_t* perm, const int64_t* ptr, 
             store_arg(arg + o * slab, pos, slab);
           } else {
             std::fill(acc, acc + slab, acc_t(0));
-            add_rows(acc, base, nullptr, segment_of.data(), 0, size, inner, size, 0,
-                     slab_bytes > kSlabBytes);
+            add_rows(acc, base, segment_of.data(), size, inner, slab_bytes > kSlabBytes);
           }
           if (widen || R == Reduce::Mean) {
             for (int64_t r = 0; r < segments; ++r) {
@@ -247,46 +326,35 @@ void segment_rows(const scalar_t* src, const int64_t* perm, const int64_t* ptr, 
 
   const int64_t total = f.outer * segments;
   const int64_t out_row_bytes = inner * static_cast<int64_t>(sizeof(scalar_t));
-  // A large sum/mean output is accumulated row by row in a buffer and streamed out (simd.h).
-  const bool stream = !arg_reduce && can_stream(out, out_row_bytes, total * out_row_bytes);
-  at::parallel_for(
-      0, total, row_grain(total, out_row_bytes),
-      [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> buffer(widen || stream ? inner : 0);
-        std::vector<scalar_t> staged(stream && widen ? inner : 0);
-        std::vector<pos_t> positions(arg_reduce ? inner : 0);
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t o = row / segments;
-          const int64_t r = row - o * segments;
-          const scalar_t* base = src + o * size * inner;
-          scalar_t* dst = out + row * inner;
-          acc_t* acc = widen || stream ? buffer.data() : reinterpret_cast<acc_t*>(dst);
-          const int64_t stop = hi(r);
-          int64_t folded = 0;
-          if constexpr (arg_reduce) {
-            pos_t* pos = positions.data();
-            const int64_t k = start_arg_row(acc, pos, base, r);
-            arg_rows<R>(acc, pos, base, perm ? perm + k : nullptr, nullptr, k, stop - k, inner,
-                        size);
-            store_arg(arg + row * inner, pos, inner);
-          } else {
-            std::fill(acc, acc + inner, acc_t(0));
-            const int64_t k = lo(r);
-            // Prefetch up to the end of perm (its length is size): the next segments'.
-            folded = add_rows(acc, base, perm ? perm + k : nullptr, nullptr, k, stop - k, inner,
-                              size, perm ? std::min(kPrefetchAhead, size - stop) : 0);
-          }
-          if (stream) {
-            // the finished row in the output type, then one streaming write
-            scalar_t* row_out = widen ? staged.data() : reinterpret_cast<scalar_t*>(acc);
-            store_row(row_out, acc, inner, divisor(folded));
-            stream_row(dst, row_out, out_row_bytes);
-          } else if (widen || R == Reduce::Mean) {
-            store_row(dst, acc, inner, divisor(folded));
-          }
-        }
-        if (stream) stream_fence();
-      });
+  const int64_t grain = row_grain(total, out_row_bytes);
+  if constexpr (arg_reduce) {
+    at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buffer(widen ? inner : 0);
+      std::vector<pos_t> positions(inner);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t o = row / segments;
+        const int64_t r = row - o * segments;
+        const scalar_t* base = src + o * size * inner;
+        scalar_t* dst = out + row * inner;
+        acc_t* acc = widen ? buffer.data() : reinterpret_cast<acc_t*>(dst);
+        pos_t* pos = positions.data();
+        const int64_t k = start_arg_row(acc, pos, base, r);
+        arg_rows<R>(acc, pos, base, perm ? perm + k : nullptr, nullptr, k, hi(r) - k, inner,
+                    size);
+        store_arg(arg + row * inner, pos, inner);
+        if (widen) store_row(dst, acc, inner, acc_t(1));
+      }
+    });
+  } else {
+    // A large output is accumulated row by row in a buffer and streamed out (simd.h).
+    const bool stream = can_stream(out, out_row_bytes, total * out_row_bytes);
+    at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buffer(widen || stream ? inner : 0);
+      std::vector<scalar_t> staged(stream && widen ? inner : 0);
+      sum_segments<R == Reduce::Mean>(src, perm, ptr, out, begin, end, segments, inner, size,
+                                      stream, buffer.data(), staged.data());
+    });
+  }
 }
 
 template <Reduce R, typename scalar_t>
