@@ -261,6 +261,45 @@ def test_cpu_streamed_output(reduce):
     assert out.nbytes >= 32 << 20 and torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("width", [64, 96, 200])
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_cpu_wide_rows_by_segment_same_bits_as_by_slab(dtype, width, reduce):
+    # By segment, the CPU kernel sums a row 256 bytes of accumulator at a time in registers
+    # (64 float32 / 32 float64 columns; float16 and bfloat16 accumulate in float32) and any
+    # remaining columns in memory; by slab (8 slabs here), every column in memory. The same
+    # terms in the same order: the same bits, for widths with and without a remainder.
+    size, segments = 3000, 750
+    src = randn((8, size, width), dtype, "cpu", seed=51)
+    index = randint(segments, (size,), torch.int64, "cpu", seed=52)
+    perm, ptr = ops.index_csr(index, segments)
+    with use_backend("cpu"):
+        by_slab = ops.segment_csr(src, perm, ptr, 1, reduce)
+        by_segment = torch.stack([ops.segment_csr(s, perm, ptr, 0, reduce) for s in src])
+    assert torch.equal(by_slab, by_segment)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_cpu_wide_rows_skip_out_of_range_members(reduce):
+    # check=False with members outside the source rows: the register-block loop skips them
+    # and a mean divides by the members it did sum (small integers: exact sums).
+    size, segments, width = 400, 50, 96
+    src = randint(8, (2, size, width), torch.int64, "cpu", seed=53).float()
+    index = randint(segments, (size,), torch.int64, "cpu", seed=54)
+    perm, ptr = ops.index_csr(index, segments)
+    bad = perm.clone()
+    bad[::7] = size + 3
+    bad[3::11] = -1
+    with use_backend("cpu"):
+        out = ops.segment_csr(src, bad, ptr, 1, reduce, check=False)
+    valid = (bad >= 0) & (bad < size)
+    segment_of = torch.repeat_interleave(torch.arange(segments), ptr.diff())[valid]
+    expected = torch.zeros(2, segments, width).index_add_(1, segment_of, src[:, bad[valid]])
+    if reduce == "mean":
+        expected /= torch.bincount(segment_of, minlength=segments).clamp_min(1)[:, None]
+    assert (~valid).sum() > 50 and torch.equal(out, expected)
+
+
 def _operators(device):
     ops_here = []
     for backend in fastcore.testing.backends_for("segment", device):
