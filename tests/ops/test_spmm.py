@@ -114,6 +114,45 @@ def test_rows_of_eight_sum_as_the_general_loop():
         assert torch.equal(ops.spmm(x, graph, w, 1), ops.spmm(padded, graph, w, 1)[..., :8])
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("width", [64, 96, 200])
+def test_cpu_wide_rows_sum_as_narrow_ones(dtype, width):
+    """The CPU kernel sums a row 256 bytes of accumulator at a time in registers (64 float32
+    / 32 float64 columns; float16 and bfloat16 accumulate in float32) and the remaining
+    columns in memory. Slices of 16 columns (the in-memory loop, or the rows-of-8 one)
+    add the same terms in the same order: the same bits, with and without the residual."""
+    graph = Graph(random_edges(300, 1200, 31), 300)
+    x = randn((3, 300, width), dtype, "cpu", seed=32)
+    w = randn((1200,), dtype, "cpu", seed=33)
+    with use_backend("cpu"):
+        for residual in (False, True):
+            wide = ops.spmm(x, graph, w, 1, residual=residual)
+            narrow = torch.cat(
+                [
+                    ops.spmm(x[..., c : c + 16].contiguous(), graph, w, 1, residual=residual)
+                    for c in range(0, width, 16)
+                ],
+                -1,
+            )
+            assert torch.equal(wide, narrow)
+
+
+@pytest.mark.parametrize(("dtype", "width"), [(torch.float32, 96), (torch.float16, 64)])
+def test_cpu_streamed_output(dtype, width):
+    """An output of 32 MB or more leaves the CPU kernel with streaming stores (a float16 one
+    through a staging row). Small integers keep every sum exact, so the result must equal
+    index_add_'s bit for bit."""
+    n = -(-(33 << 20) // (2 * width * dtype.itemsize))  # two slabs, just over 32 MB out
+    edges = random_edges(n, 3 * n, 34)
+    x = randint(8, (2, n, width), torch.int64, "cpu", seed=35)
+    w = randint(3, (3 * n,), torch.int64, "cpu", seed=36) + 1
+    with use_backend("cpu"):
+        out = ops.spmm(x.to(dtype), Graph(edges, n), w.to(dtype), 1, residual=True)
+    terms = x[:, edges[0]] * w[:, None]
+    expected = x.clone().index_add_(1, edges[1], terms).to(dtype)
+    assert out.nbytes >= 32 << 20 and torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("width", [17, 8])
 @pytest.mark.parametrize("outer", [6, 1])
 @pytest.mark.parametrize(("device", "backend"), backend_params("spmm"))
