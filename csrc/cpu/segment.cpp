@@ -94,7 +94,7 @@ FASTCORE_SIMD_CLONES void add_rows(acc_t* acc, const scalar_t* base, const int64
 // (i < count; those outside [0, size) are skipped); returns how many it summed. `ahead`:
 // how many entries after rows[count - 1] may be read to prefetch (the members of the next
 // segments: rows is a window of one perm).
-// Columns are summed kFoldBlock at a time in a local block the compiler keeps in registers
+// Columns are summed kFoldBlock (simd.h) at a time in a local block the compiler keeps in registers
 // (a loop over the members per block; the prefetch, whole rows, in the first), the rest
 // (inner not a multiple, or narrower) in memory. Each output element adds the same terms
 // in the same order from 0 either way: the same bits.
@@ -102,7 +102,7 @@ template <typename acc_t, typename scalar_t>
 FASTCORE_INLINE int64_t sum_rows(acc_t* acc, const scalar_t* base, const int64_t* rows,
                                  int64_t first, int64_t count, int64_t inner, int64_t size,
                                  int64_t ahead) {
-  constexpr int64_t kFoldBlock = 256 / sizeof(acc_t);  // 8 AVX registers of accumulators
+  constexpr int64_t kBlock = kFoldBlock<acc_t>;
   const int64_t row_bytes = inner * static_cast<int64_t>(sizeof(scalar_t));
   int64_t added = 0;
   // One pass over the members, skipping those out of range; the first also prefetches and
@@ -120,13 +120,13 @@ FASTCORE_INLINE int64_t sum_rows(acc_t* acc, const scalar_t* base, const int64_t
     }
   };
   int64_t c0 = 0;
-  for (; c0 + kFoldBlock <= inner; c0 += kFoldBlock) {
-    alignas(64) acc_t block[kFoldBlock] = {};
+  for (; c0 + kBlock <= inner; c0 += kBlock) {
+    alignas(64) acc_t block[kBlock] = {};
     pass(c0 == 0, c0, [&](const scalar_t* __restrict__ row) FASTCORE_LAMBDA_INLINE {
 #pragma omp simd
-      for (int64_t j = 0; j < kFoldBlock; ++j) block[j] += static_cast<acc_t>(row[j]);
+      for (int64_t j = 0; j < kBlock; ++j) block[j] += static_cast<acc_t>(row[j]);
     });
-    for (int64_t j = 0; j < kFoldBlock; ++j) acc[c0 + j] = block[j];
+    for (int64_t j = 0; j < kBlock; ++j) acc[c0 + j] = block[j];
   }
   if (c0 < inner) {
     std::fill(acc + c0, acc + inner, acc_t(0));

@@ -33,7 +33,7 @@ inline void axpy_row(acc_t* __restrict__ acc, acc_t w, const scalar_t* __restric
 }
 
 // Output rows [begin, end) of the flattened [outer, V] view; with residual (V == n_src)
-// each row then adds its own input row. Columns are summed kFoldBlock at a time in a local
+// each row then adds its own input row. Columns are summed kFoldBlock (simd.h) at a time in a local
 // block the compiler keeps in registers (the loop over the row's edges once per block, the
 // prefetch in the first), the rest (inner not a multiple, or narrower) in memory: each
 // element adds the same terms in the same order from 0 either way, so the same bits.
@@ -52,7 +52,7 @@ FASTCORE_SIMD_CLONES void spmm_rows(const scalar_t* x, const scalar_t* weight, c
                                     int64_t end, bool stream) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool widen = !std::is_same_v<acc_t, scalar_t>;
-  constexpr int64_t kFoldBlock = 256 / sizeof(acc_t);  // 8 AVX registers of accumulators
+  constexpr int64_t kBlock = kFoldBlock<acc_t>;
   std::vector<acc_t> buffer(widen || stream ? inner : 0);
   std::vector<scalar_t> staged(widen && stream ? inner : 0);
   const int64_t last = ptr[segments];  // edges in CSR order: one slab's
@@ -73,23 +73,23 @@ FASTCORE_SIMD_CLONES void spmm_rows(const scalar_t* x, const scalar_t* weight, c
       }
     };
     int64_t c0 = 0;
-    for (; c0 + kFoldBlock <= inner; c0 += kFoldBlock) {
-      alignas(64) acc_t block[kFoldBlock] = {};
+    for (; c0 + kBlock <= inner; c0 += kBlock) {
+      alignas(64) acc_t block[kBlock] = {};
       for (int64_t k = k_begin; k < k_end; ++k) {
         if (c0 == 0) prefetch(k);
         const acc_t w = weight ? static_cast<acc_t>(weight[k]) : acc_t(1);
         const scalar_t* __restrict__ src = base + col[k] * inner + c0;
 #pragma omp simd
-        for (int64_t j = 0; j < kFoldBlock; ++j) block[j] += w * static_cast<acc_t>(src[j]);
+        for (int64_t j = 0; j < kBlock; ++j) block[j] += w * static_cast<acc_t>(src[j]);
       }
       if (residual) {
         const scalar_t* __restrict__ own = base + v * inner + c0;
 #pragma omp simd
-        for (int64_t j = 0; j < kFoldBlock; ++j) {
+        for (int64_t j = 0; j < kBlock; ++j) {
           block[j] += acc_t(1) * static_cast<acc_t>(own[j]);
         }
       }
-      for (int64_t j = 0; j < kFoldBlock; ++j) acc[c0 + j] = block[j];
+      for (int64_t j = 0; j < kBlock; ++j) acc[c0 + j] = block[j];
     }
     if (c0 < inner) {
       std::fill(acc + c0, acc + inner, acc_t(0));
