@@ -154,13 +154,13 @@ inline void store_row(scalar_t* dst, const acc_t* acc, int64_t n, acc_t divisor)
 // in one function compiled per CPU like the row loops (simd.h), so that a segment costs
 // little besides its members' rows. Once the rows come from DRAM, the loop waits on its
 // prefetches (sampled with perf, 82% of the old kernel's samples fell on the instruction
-// after one), and the fewer uops each member costs the more of them are in flight: with
-// the accumulator in memory (a load and a store per vector and member), a call, a division
-// and a fill per segment and a second pass to count the members, pooling sum at (2, 1M),
-// rows of 64 float32, took 38.8 ms on the Intel VM against 33.9 ms now (medians, the two
-// kernels switched within one process; docs/benchmarks.md). `stream`: each finished row
-// goes out with streaming stores (through `buffer`, and `staged` in the output type when
-// that is narrower).
+// after one), and the fewer uops each member costs the more of them are in flight. The old
+// loop kept the accumulator in memory (a load and a store per vector and member) and paid a
+// call, a division and a fill per segment: pooling sum at (2, 1M), rows of 64 float32, on
+// the Intel VM took 38.0 ms where a fixed-width register loop took 30.2 ms in the same
+// process; this one takes 33.9 ms where that loop took 30.3 ms (medians of interleaved
+// rounds; docs/benchmarks.md). `stream`: each finished row goes out with streaming stores
+// (through `buffer`, and `staged` in the output type when that is narrower).
 template <bool Mean, typename acc_t, typename scalar_t>
 FASTCORE_SIMD_CLONES void sum_segments(const scalar_t* src, const int64_t* perm,
                                        const int64_t* ptr, scalar_t* out, int64_t begin,
