@@ -94,9 +94,9 @@ FASTCORE_SIMD_CLONES void add_rows(acc_t* acc, const scalar_t* base, const int64
 // (i < count; those outside [0, size) are skipped); returns how many it summed. `ahead`:
 // how many entries after rows[count - 1] may be read to prefetch (the members of the next
 // segments: rows is a window of one perm).
-// Columns are summed kFoldBlock (simd.h) at a time in a local block the compiler keeps in registers
-// (a loop over the members per block; the prefetch, whole rows, in the first), the rest
-// (inner not a multiple, or narrower) in memory. Each output element adds the same terms
+// Columns are summed kFoldBlock (simd.h) at a time in a local block the compiler keeps in
+// registers (a loop over the members per block; the prefetch, whole rows, in the first), the
+// rest (inner not a multiple, or narrower) in memory. Each output element adds the same terms
 // in the same order from 0 either way: the same bits.
 template <typename acc_t, typename scalar_t>
 FASTCORE_INLINE int64_t sum_rows(acc_t* acc, const scalar_t* base, const int64_t* rows,
@@ -137,6 +137,15 @@ FASTCORE_INLINE int64_t sum_rows(acc_t* acc, const scalar_t* base, const int64_t
   return added;
 }
 
+// Segment r's entries [segment_begin, segment_end) of perm: ptr clamped into [0, size] (the
+// length of perm), so an invalid ptr (check=False) never reads outside it.
+inline int64_t segment_begin(const int64_t* ptr, int64_t r, int64_t size) {
+  return std::clamp<int64_t>(ptr[r], 0, size);
+}
+inline int64_t segment_end(const int64_t* ptr, int64_t r, int64_t size) {
+  return std::clamp<int64_t>(ptr[r + 1], segment_begin(ptr, r, size), size);
+}
+
 // dst = acc / divisor (mean) or acc, converted to the output type; dst may alias acc.
 template <typename acc_t, typename scalar_t>
 inline void store_row(scalar_t* dst, const acc_t* acc, int64_t n, acc_t divisor) {
@@ -175,8 +184,8 @@ FASTCORE_SIMD_CLONES void sum_segments(const scalar_t* src, const int64_t* perm,
     const scalar_t* base = src + o * size * inner;
     scalar_t* dst = out + row * inner;
     acc_t* acc = widen || stream ? buffer : reinterpret_cast<acc_t*>(dst);
-    const int64_t lo = std::clamp<int64_t>(ptr[r], 0, size);
-    const int64_t hi = std::clamp<int64_t>(ptr[r + 1], lo, size);
+    const int64_t lo = segment_begin(ptr, r, size);
+    const int64_t hi = segment_end(ptr, r, size);
     // Prefetch up to the end of perm (its length is size): the next segments'.
     const int64_t folded = sum_rows(acc, base, perm ? perm + lo : nullptr, lo, hi - lo, inner,
                                     size, perm ? std::min(kPrefetchAhead, size - hi) : 0);
@@ -250,8 +259,8 @@ void segment_rows(const scalar_t* src, const int64_t* perm, const int64_t* ptr, 
   const int64_t slab = segments * inner;
   const int64_t slab_bytes =
       slab * static_cast<int64_t>(sizeof(acc_t) + (arg_reduce ? sizeof(pos_t) : 0));
-  auto lo = [&](int64_t r) { return std::clamp<int64_t>(ptr[r], 0, size); };
-  auto hi = [&](int64_t r) { return std::clamp<int64_t>(ptr[r + 1], lo(r), size); };
+  auto lo = [&](int64_t r) { return segment_begin(ptr, r, size); };
+  auto hi = [&](int64_t r) { return segment_end(ptr, r, size); };
   auto member = [&](int64_t k) { return perm ? perm[k] : k; };
   auto divisor = [](int64_t members) {
     return R == Reduce::Mean && members > 0 ? static_cast<acc_t>(members) : acc_t(1);

@@ -32,19 +32,19 @@ inline void axpy_row(acc_t* __restrict__ acc, acc_t w, const scalar_t* __restric
   for (int64_t j = 0; j < n; ++j) acc[j] += w * static_cast<acc_t>(row[j]);
 }
 
-// Output rows [begin, end) of the flattened [outer, V] view; with residual (V == n_src)
-// each row then adds its own input row. Columns are summed kFoldBlock (simd.h) at a time in a local
+// Output rows [begin, end) of the flattened [outer, V] view; with residual (V == n_src) each
+// row then adds its own input row. Columns are summed kFoldBlock (simd.h) at a time in a local
 // block the compiler keeps in registers (the loop over the row's edges once per block, the
-// prefetch in the first), the rest (inner not a multiple, or narrower) in memory: each
-// element adds the same terms in the same order from 0 either way, so the same bits.
-// `stream`: each finished row goes out with streaming stores (through `buffer`, and `staged`
-// in the output type when that is narrower), so a large output is not read before it is
-// written. Once the rows come from beyond L2, the loop waits on its prefetches, and the
-// fewer uops an edge costs the more of them are in flight; the output's write-allocate
-// reads were a third of the memory traffic. spmm forward at (16, 100k), rows of 64
-// float32, on the Intel VM: 59.3 ms with the accumulator in memory, 59.0 ms with the block
-// and 49.1 ms with the block and streamed rows; at (2, 1M) 113.0, 109.4 and 105.9 ms
-// (medians, the kernels switched within one process; docs/benchmarks.md).
+// prefetch in the first), the rest (inner not a multiple, or narrower) in memory: each element
+// adds the same terms in the same order from 0 either way, so the same bits. `stream`: each
+// finished row goes out with streaming stores (through `buffer`, and `staged` in the output
+// type when that is narrower), so a large output is not read before it is written. Once the
+// rows come from beyond L2, the loop waits on its prefetches, and the fewer uops an edge costs
+// the more of them are in flight; the output's write-allocate reads were a third of the memory
+// traffic. spmm forward at (16, 100k), rows of 64 float32, on the Intel VM: 59.3 ms with the
+// accumulator in memory, 59.0 ms with the block and 49.1 ms with the block and streamed rows;
+// at (2, 1M) 113.0, 109.4 and 105.9 ms (medians, the kernels switched within one process;
+// docs/benchmarks.md).
 template <typename scalar_t>
 FASTCORE_SIMD_CLONES void spmm_rows(const scalar_t* x, const scalar_t* weight, const int64_t* ptr,
                                     const int64_t* col, scalar_t* out, int64_t n_src,
